@@ -1,0 +1,407 @@
+"""The durable catalog: SQLite in WAL mode with synchronous=FULL.
+
+It records layers, volumes, snapshots and intents.  An *intent* is written
+in the same transaction that plans a multi-step change, before any file is
+touched, and deleted in the transaction that completes it; at start-up the
+pool finishes or undoes every intent still present.  Layers an intent names
+(``intent_layers``) count as referenced, so the reclaimer never removes a
+layer a half-done operation still needs.
+
+The catalog only stores and queries; it makes no decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import CatalogCorrupt, PoolFull
+from engine.model import Layer, Owner, Snapshot, SnapshotSource, Volume, VolumeSource
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layers (
+    id           TEXT PRIMARY KEY,
+    parent       TEXT REFERENCES layers(id),
+    depth        INTEGER NOT NULL,
+    virtual_size INTEGER NOT NULL,
+    read_only    INTEGER NOT NULL DEFAULT 0,
+    created_ns   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+CREATE TABLE IF NOT EXISTS volumes (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    name         TEXT NOT NULL UNIQUE,
+    size         INTEGER NOT NULL,
+    created_ns   INTEGER NOT NULL,
+    top          TEXT NOT NULL REFERENCES layers(id),
+    owner        TEXT NOT NULL DEFAULT 'closed',
+    source_kind  TEXT,
+    source_id    TEXT,
+    parameters   TEXT NOT NULL DEFAULT '{}',
+    capabilities TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS volumes_top ON volumes(top);
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    name         TEXT NOT NULL UNIQUE,
+    source       TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    created_ns   INTEGER NOT NULL,
+    layer        TEXT NOT NULL REFERENCES layers(id),
+    ready        INTEGER NOT NULL DEFAULT 1,
+    parameters   TEXT NOT NULL DEFAULT '{}',
+    indications  TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer);
+CREATE INDEX IF NOT EXISTS snapshots_source ON snapshots(source);
+CREATE TABLE IF NOT EXISTS intents (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind       TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS intent_layers (
+    intent_id INTEGER NOT NULL REFERENCES intents(id) ON DELETE CASCADE,
+    layer     TEXT NOT NULL,
+    role      TEXT NOT NULL,          -- 'new': made by the intent, 'pin': must stay
+    PRIMARY KEY (intent_id, layer)
+);
+CREATE INDEX IF NOT EXISTS intent_layers_layer ON intent_layers(layer);
+"""
+
+# A layer is garbage when nothing refers to it: no volume has it as top, no
+# snapshot points at it, no layer is backed by it and no intent pins it.
+_GARBAGE = """
+SELECT l.id FROM layers l
+WHERE NOT EXISTS (SELECT 1 FROM volumes v WHERE v.top = l.id)
+  AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.layer = l.id)
+  AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent = l.id)
+  AND NOT EXISTS (SELECT 1 FROM intent_layers i WHERE i.layer = l.id)
+"""
+
+
+@dataclass(frozen=True)
+class Intent:
+    id: int
+    kind: str
+    body: dict[str, Any]
+    created_ns: int
+
+
+class Catalog:
+    """One SQLite connection, used under a lock by any thread.
+
+    :raises CatalogCorrupt: the file is not a qsnap catalog of a known version.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self.transaction() as tx:
+            tx.executescript_in_tx(_SCHEMA)
+            row = tx.one("SELECT value FROM meta WHERE key = 'schema'")
+            if row is None:
+                tx.run("INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) != SCHEMA_VERSION:
+                raise CatalogCorrupt(f"catalog {path} has schema {row['value']}, "
+                                     f"this qsnap knows {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator["Tx"]:
+        """A write transaction (BEGIN IMMEDIATE); commits on success.
+
+        :raises PoolFull: SQLite could not write because the disk is full.
+        """
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield Tx(self._db)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if "full" in str(e).lower():
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise PoolFull(f"the catalog cannot grow: {e}") from e
+                raise
+
+    @contextmanager
+    def reading(self) -> Iterator["Tx"]:
+        """A consistent read (no write lock taken)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield Tx(self._db)
+            finally:
+                self._db.execute("COMMIT")
+
+
+class Tx:
+    """Queries and updates inside one transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    # -- raw -------------------------------------------------------------
+
+    def run(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, args)
+
+    def one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+        return row
+
+    def all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self._db.execute(sql, args).fetchall())
+
+    def executescript_in_tx(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+    # -- layers ----------------------------------------------------------
+
+    def add_layer(self, layer: Layer, created_ns: int) -> None:
+        self.run("INSERT INTO layers(id, parent, depth, virtual_size, read_only, created_ns)"
+                 " VALUES (?, ?, ?, ?, ?, ?)",
+                 (layer.id, layer.parent, layer.depth, layer.virtual_size,
+                  int(layer.read_only), created_ns))
+
+    def layer(self, layer_id: str) -> Layer | None:
+        row = self.one("SELECT * FROM layers WHERE id = ?", (layer_id,))
+        return _layer(row) if row else None
+
+    def need_layer(self, layer_id: str) -> Layer:
+        layer = self.layer(layer_id)
+        if layer is None:
+            raise CatalogCorrupt(f"layer {layer_id} is referenced but not recorded")
+        return layer
+
+    def chain(self, layer_id: str) -> list[Layer]:
+        """The layer and its ancestors, top first."""
+        rows = self.all("""
+            WITH RECURSIVE up(id, n) AS (
+                SELECT ?, 0
+                UNION ALL
+                SELECT l.parent, up.n + 1 FROM layers l JOIN up ON l.id = up.id
+                WHERE l.parent IS NOT NULL)
+            SELECT layers.* FROM up JOIN layers ON layers.id = up.id ORDER BY up.n""",
+                        (layer_id,))
+        return [_layer(r) for r in rows]
+
+    def children(self, layer_id: str) -> list[Layer]:
+        return [_layer(r) for r in self.all("SELECT * FROM layers WHERE parent = ?", (layer_id,))]
+
+    def set_read_only(self, layer_id: str) -> None:
+        self.run("UPDATE layers SET read_only = 1 WHERE id = ?", (layer_id,))
+
+    def set_layer_size(self, layer_id: str, size: int) -> None:
+        self.run("UPDATE layers SET virtual_size = ? WHERE id = ?", (size, layer_id))
+
+    def reparent(self, layer_id: str, parent: str | None) -> None:
+        """Point a layer at a new parent and fix the depth of its subtree."""
+        base = 0
+        if parent is not None:
+            base = self.need_layer(parent).depth
+        self.run("UPDATE layers SET parent = ?, depth = ? WHERE id = ?", (parent, base + 1, layer_id))
+        self.run("""
+            WITH RECURSIVE down(id, depth) AS (
+                SELECT id, depth FROM layers WHERE id = ?
+                UNION ALL
+                SELECT l.id, down.depth + 1 FROM layers l JOIN down ON l.parent = down.id)
+            UPDATE layers SET depth = (SELECT depth FROM down WHERE down.id = layers.id)
+            WHERE id IN (SELECT id FROM down)""", (layer_id,))
+
+    def drop_layer(self, layer_id: str) -> None:
+        self.run("DELETE FROM layers WHERE id = ?", (layer_id,))
+
+    def garbage(self) -> list[str]:
+        return [r["id"] for r in self.all(_GARBAGE)]
+
+    def all_layers(self) -> list[Layer]:
+        return [_layer(r) for r in self.all("SELECT * FROM layers")]
+
+    def references(self, layer_id: str) -> tuple[int, int, int]:
+        """(volumes with it as top, snapshots on it, child layers)."""
+        row = self.one("""SELECT
+            (SELECT COUNT(*) FROM volumes WHERE top = :id),
+            (SELECT COUNT(*) FROM snapshots WHERE layer = :id),
+            (SELECT COUNT(*) FROM layers WHERE parent = :id)""", {"id": layer_id})  # type: ignore[arg-type]
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def pinned(self, layer_id: str) -> bool:
+        return self.one("SELECT 1 FROM intent_layers WHERE layer = ?", (layer_id,)) is not None
+
+    def pinned_elsewhere(self, layer_id: str, intent_id: int) -> bool:
+        """Whether an intent other than ``intent_id`` pins the layer."""
+        return self.one("SELECT 1 FROM intent_layers WHERE layer = ? AND intent_id != ?",
+                        (layer_id, intent_id)) is not None
+
+    # -- volumes ---------------------------------------------------------
+
+    def add_volume(self, v: Volume) -> None:
+        kind, source_id = _source_columns(v.source)
+        self.run("INSERT INTO volumes(id, name, size, created_ns, top, owner, source_kind,"
+                 " source_id, parameters, capabilities) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                 (v.id, v.name, v.size_bytes, v.created_ns, v.top_layer, v.owner.value,
+                  kind, source_id, json.dumps(v.parameters, sort_keys=True), v.capabilities))
+
+    def volume(self, volume_id: str) -> Volume | None:
+        row = self.one("SELECT * FROM volumes WHERE id = ?", (volume_id,))
+        return _volume(row) if row else None
+
+    def volume_by_name(self, name: str) -> Volume | None:
+        row = self.one("SELECT * FROM volumes WHERE name = ?", (name,))
+        return _volume(row) if row else None
+
+    def volume_with_top(self, layer_id: str) -> Volume | None:
+        row = self.one("SELECT * FROM volumes WHERE top = ?", (layer_id,))
+        return _volume(row) if row else None
+
+    def volumes_page(self, after_seq: int, limit: int) -> list[tuple[int, Volume]]:
+        rows = self.all("SELECT * FROM volumes WHERE seq >= ? ORDER BY seq LIMIT ?",
+                        (after_seq, limit))
+        return [(int(r["seq"]), _volume(r)) for r in rows]
+
+    def set_top(self, volume_id: str, layer_id: str) -> None:
+        self.run("UPDATE volumes SET top = ? WHERE id = ?", (layer_id, volume_id))
+
+    def retarget_top(self, old_layer: str, new_layer: str) -> None:
+        self.run("UPDATE volumes SET top = ? WHERE top = ?", (new_layer, old_layer))
+
+    def set_volume_size(self, volume_id: str, size: int) -> None:
+        self.run("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
+
+    def drop_volume(self, volume_id: str) -> None:
+        self.run("DELETE FROM volumes WHERE id = ?", (volume_id,))
+
+    def provisioned_bytes(self) -> int:
+        row = self.one("SELECT COALESCE(SUM(size), 0) FROM volumes")
+        return int(row[0]) if row else 0
+
+    # -- snapshots -------------------------------------------------------
+
+    def add_snapshot(self, s: Snapshot) -> None:
+        self.run("INSERT INTO snapshots(id, name, source, size, created_ns, layer, ready,"
+                 " parameters, indications) VALUES (?,?,?,?,?,?,?,?,?)",
+                 (s.id, s.name, s.source_volume_id, s.size_bytes, s.created_ns, s.layer,
+                  int(s.ready), json.dumps(s.parameters, sort_keys=True),
+                  json.dumps(list(s.indications))))
+
+    def snapshot(self, snapshot_id: str) -> Snapshot | None:
+        row = self.one("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,))
+        return _snapshot(row) if row else None
+
+    def snapshot_by_name(self, name: str) -> Snapshot | None:
+        row = self.one("SELECT * FROM snapshots WHERE name = ?", (name,))
+        return _snapshot(row) if row else None
+
+    def snapshots_page(self, after_seq: int, limit: int, *, snapshot_id: str | None = None,
+                       source: str | None = None) -> list[tuple[int, Snapshot]]:
+        sql = "SELECT * FROM snapshots WHERE seq >= ?"
+        args: list[Any] = [after_seq]
+        if snapshot_id is not None:
+            sql += " AND id = ?"
+            args.append(snapshot_id)
+        if source is not None:
+            sql += " AND source = ?"
+            args.append(source)
+        rows = self.all(sql + " ORDER BY seq LIMIT ?", (*args, limit))
+        return [(int(r["seq"]), _snapshot(r)) for r in rows]
+
+    def retarget_snapshots(self, old_layer: str, new_layer: str) -> None:
+        self.run("UPDATE snapshots SET layer = ? WHERE layer = ?", (new_layer, old_layer))
+
+    def drop_snapshot(self, snapshot_id: str) -> None:
+        self.run("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+    def count(self, table: str) -> int:
+        assert table in ("volumes", "snapshots", "layers", "intents")
+        row = self.one(f"SELECT COUNT(*) FROM {table}")
+        return int(row[0]) if row else 0
+
+    # -- intents ---------------------------------------------------------
+
+    def add_intent(self, kind: str, body: dict[str, Any], created_ns: int, *,
+                   new: tuple[str, ...] = (), pins: tuple[str, ...] = ()) -> int:
+        cur = self.run("INSERT INTO intents(kind, body, created_ns) VALUES (?, ?, ?)",
+                       (kind, json.dumps(body, sort_keys=True), created_ns))
+        intent_id = int(cur.lastrowid or 0)
+        for layer in new:
+            self.run("INSERT INTO intent_layers(intent_id, layer, role) VALUES (?, ?, 'new')",
+                     (intent_id, layer))
+        for layer in pins:
+            self.run("INSERT OR IGNORE INTO intent_layers(intent_id, layer, role)"
+                     " VALUES (?, ?, 'pin')", (intent_id, layer))
+        return intent_id
+
+    def drop_intent(self, intent_id: int) -> None:
+        self.run("DELETE FROM intent_layers WHERE intent_id = ?", (intent_id,))
+        self.run("DELETE FROM intents WHERE id = ?", (intent_id,))
+
+    def intents(self) -> list[Intent]:
+        return [Intent(int(r["id"]), r["kind"], json.loads(r["body"]), int(r["created_ns"]))
+                for r in self.all("SELECT * FROM intents ORDER BY id")]
+
+    def intent_new_layers(self) -> set[str]:
+        return {r["layer"] for r in self.all("SELECT layer FROM intent_layers WHERE role = 'new'")}
+
+
+def _source_columns(source: SnapshotSource | VolumeSource | None) -> tuple[str | None, str | None]:
+    if isinstance(source, SnapshotSource):
+        return "snapshot", source.snapshot_id
+    if isinstance(source, VolumeSource):
+        return "volume", source.volume_id
+    return None, None
+
+
+def _layer(row: sqlite3.Row) -> Layer:
+    return Layer(id=row["id"], parent=row["parent"], depth=int(row["depth"]),
+                 virtual_size=int(row["virtual_size"]), read_only=bool(row["read_only"]))
+
+
+def _volume(row: sqlite3.Row) -> Volume:
+    source: SnapshotSource | VolumeSource | None = None
+    if row["source_kind"] == "snapshot":
+        source = SnapshotSource(row["source_id"])
+    elif row["source_kind"] == "volume":
+        source = VolumeSource(row["source_id"])
+    return Volume(id=row["id"], name=row["name"], size_bytes=int(row["size"]),
+                  created_ns=int(row["created_ns"]), top_layer=row["top"],
+                  owner=Owner(row["owner"]), source=source,
+                  parameters=json.loads(row["parameters"]), capabilities=row["capabilities"])
+
+
+def _snapshot(row: sqlite3.Row) -> Snapshot:
+    return Snapshot(id=row["id"], name=row["name"], source_volume_id=row["source"],
+                    size_bytes=int(row["size"]), created_ns=int(row["created_ns"]),
+                    layer=row["layer"], ready=bool(row["ready"]),
+                    parameters=json.loads(row["parameters"]),
+                    indications=tuple(json.loads(row["indications"])))

@@ -1,0 +1,307 @@
+"""Reference counting, reclaiming and depth merges: the pool's background
+work.  Nothing here runs on a request's path.
+
+A layer is *garbage* when no volume has it as its top, no snapshot points at
+it, no layer is backed by it and no unfinished intent pins it.  Garbage
+cannot gain references again, so the reclaimer removes its file and then its
+row; a crash in between leaves a row whose file is gone, which the next
+pass drops.
+
+Merges keep every volume's and snapshot's content as it is:
+
+* **collapse** — a layer that only one child still needs (its snapshot was
+  deleted) is merged with that child: the child is committed into it when
+  the child is the smaller of the two (the usual case: a small overlay on a
+  large base), otherwise the child is rebased past it;
+* **flatten** — a layer deeper than the cap is rebased onto an ancestor at
+  half the cap, copying only the clusters the skipped layers changed.
+
+Both work on closed images only, with qemu-img's content-preserving modes,
+and each is an intent so a crash in the middle is finished or undone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.catalog import Intent
+from engine.errors import Busy, EngineError
+from engine.model import Layer
+
+if TYPE_CHECKING:
+    from engine.pool import Pool
+
+log = logging.getLogger(__name__)
+
+# Layers with no owner, no snapshot, and exactly one child.
+_COLLAPSIBLE = """
+SELECT l.id FROM layers l
+WHERE NOT EXISTS (SELECT 1 FROM volumes v WHERE v.top = l.id)
+  AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.layer = l.id)
+  AND NOT EXISTS (SELECT 1 FROM intent_layers i WHERE i.layer = l.id)
+  AND (SELECT COUNT(*) FROM layers c WHERE c.parent = l.id) = 1
+ORDER BY l.depth
+"""
+
+# Layers (and their whole chains) that an owner other than qsnap has open.
+_OPEN_LAYERS = """
+WITH RECURSIVE up(id) AS (
+    SELECT top FROM volumes WHERE owner != 'closed'
+    UNION
+    SELECT l.parent FROM layers l JOIN up ON l.id = up.id WHERE l.parent IS NOT NULL)
+SELECT id FROM up
+"""
+
+
+@dataclass
+class MaintenanceStats:
+    """Running totals, read by metrics and ``qsnap pool``."""
+
+    reclaimed_layers: int = 0
+    merges: dict[str, int] = field(default_factory=lambda: {"collapse": 0, "flatten": 0})
+    passes: int = 0
+    last_error: str = ""
+
+
+def reclaim(pool: "Pool") -> int:
+    """Remove every garbage layer (repeatedly: removing one may make its
+    parent garbage).  Returns how many were removed."""
+    removed = 0
+    while True:
+        with pool.catalog.reading() as tx:
+            garbage = tx.garbage()
+        if not garbage:
+            return removed
+        for layer_id in garbage:
+            # Garbage never regains a reference, so removing the file before
+            # the row is safe; the reverse order could orphan the file.
+            pool.layout.unlink(layer_id)
+            pool._crash_point("reclaim:after-unlink")
+            with pool.catalog.transaction() as tx:
+                if layer_id in tx.garbage():
+                    tx.drop_layer(layer_id)
+                    removed += 1
+            log.info("layer %s: reclaimed", layer_id)
+
+
+def _open_layers(pool: "Pool") -> set[str]:
+    with pool.catalog.reading() as tx:
+        return {r["id"] for r in tx.all(_OPEN_LAYERS)}
+
+
+def _holders(pool: "Pool", layers: list[str]) -> list[str]:
+    """Lock keys of the volumes and snapshots that point at ``layers``."""
+    keys: list[str] = []
+    with pool.catalog.reading() as tx:
+        for layer in layers:
+            keys += [f"volume:{r['id']}" for r in tx.all("SELECT id FROM volumes WHERE top = ?", (layer,))]
+            keys += [f"snapshot:{r['id']}" for r in tx.all("SELECT id FROM snapshots WHERE layer = ?", (layer,))]
+    return keys
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def merge_step(pool: "Pool") -> str | None:
+    """Do one merge if one is due and its objects are free.
+
+    :returns: "collapse" or "flatten" when a merge was done, else None.
+    """
+    busy_layers = _open_layers(pool)
+    with pool.catalog.reading() as tx:
+        collapsible = [r["id"] for r in tx.all(_COLLAPSIBLE)]
+        deep = [r["id"] for r in tx.all("SELECT id FROM layers WHERE depth = ? ORDER BY created_ns",
+                                        (pool.config.depth_cap + 1,))]
+    for parent_id in collapsible:
+        if parent_id not in busy_layers and _collapse(pool, parent_id, busy_layers):
+            return "collapse"
+    for layer_id in deep:
+        if layer_id not in busy_layers and _flatten(pool, layer_id):
+            return "flatten"
+    return None
+
+
+def _collapse(pool: "Pool", parent_id: str, busy_layers: set[str]) -> bool:
+    with pool.catalog.reading() as tx:
+        parent = tx.layer(parent_id)
+        children = tx.children(parent_id)
+        if parent is None or len(children) != 1:
+            return False
+        child = children[0]
+        grandchildren = tx.children(child.id)
+    if child.id in busy_layers:
+        return False
+    try:
+        with pool.locks.hold(_holders(pool, [child.id, parent_id]), wait=False):
+            child_path = pool.layout.layer_path(child.id)
+            parent_path = pool.layout.layer_path(parent_id)
+            if not grandchildren and _allocated(child_path) <= _allocated(parent_path):
+                _commit_down(pool, child, parent)
+            else:
+                _rebase(pool, child, parent.parent, reason="collapse")
+    except Busy:
+        return False
+    return True
+
+
+def _commit_down(pool: "Pool", child: Layer, parent: Layer) -> None:
+    """Commit a leaf layer into its only-needed parent; the parent then
+    takes the child's place (volume top or snapshot layer)."""
+    body = {"child": child.id, "parent": parent.id}
+    intent = pool._begin("merge-commit", body, pins=(child.id, parent.id))
+    child_path = pool.layout.layer_path(child.id)
+    parent_path = pool.layout.layer_path(parent.id)
+    if parent.virtual_size < child.virtual_size:
+        # Grow the parent first so the child's clusters past its end fit;
+        # the child reads zeros there from the parent either way.
+        pool.qemu_img.resize(parent_path, child.virtual_size)
+    pool.qemu_img.commit(child_path, parent_path)
+    pool._crash_point("merge-commit:after-file")
+    with pool.catalog.transaction() as tx:
+        refs = tx.references(parent.id)
+        if refs != (0, 0, 1) or tx.children(child.id) or tx.pinned_elsewhere(parent.id, intent):
+            # Something changed while we merged: the child still reads the
+            # same (it covers every cluster the commit wrote), so just stop.
+            tx.drop_intent(intent)
+            log.info("layer %s: merge into %s abandoned, references changed", child.id, parent.id)
+            return
+        tx.retarget_top(child.id, parent.id)
+        tx.retarget_snapshots(child.id, parent.id)
+        tx.run("UPDATE layers SET read_only = ?, virtual_size = ? WHERE id = ?",
+               (int(child.read_only), child.virtual_size, parent.id))
+        tx.drop_intent(intent)
+    log.info("layer %s: committed into %s (depth %d -> %d)", child.id, parent.id, child.depth,
+             parent.depth)
+
+
+def _rebase(pool: "Pool", layer: Layer, new_parent: str | None, *, reason: str) -> None:
+    """Rebase ``layer`` onto ``new_parent`` (None: make it standalone)
+    with qemu-img's safe mode, then record the new parent."""
+    body = {"layer": layer.id, "old_parent": layer.parent, "new_parent": new_parent,
+            "reason": reason}
+    pins = tuple(x for x in (layer.id, layer.parent, new_parent) if x)
+    intent = pool._begin("merge-rebase", body, pins=pins)
+    target = pool.layout.layer_path(new_parent) if new_parent else None
+    pool.qemu_img.rebase(pool.layout.layer_path(layer.id), target)
+    pool._crash_point("merge-rebase:after-file")
+    with pool.catalog.transaction() as tx:
+        tx.reparent(layer.id, new_parent)
+        tx.drop_intent(intent)
+    log.info("layer %s: rebased from %s onto %s (%s)", layer.id, layer.parent,
+             new_parent or "nothing", reason)
+
+
+def _flatten(pool: "Pool", layer_id: str) -> bool:
+    target_depth = max(1, pool.config.depth_cap // 2)
+    with pool.catalog.reading() as tx:
+        chain = tx.chain(layer_id)
+    if len(chain) < 2:
+        return False
+    layer = chain[0]
+    ancestor = next((x for x in chain if x.depth == target_depth), None)
+    if ancestor is None or ancestor.id == layer.parent:
+        return False
+    try:
+        with pool.locks.hold(_holders(pool, [layer.id]), wait=False):
+            _rebase(pool, layer, ancestor.id, reason="flatten")
+    except Busy:
+        return False
+    return True
+
+
+def recover_merge(pool: "Pool", intent: Intent) -> None:
+    """Finish or undo a merge a crash interrupted.
+
+    A commit leaves the child reading the same whether or not it finished,
+    so it is simply forgotten (the next pass redoes it).  A rebase is
+    finished when the layer's header already names the new parent.
+    """
+    body: dict[str, Any] = intent.body
+    if intent.kind == "merge-commit":
+        pool._drop_intent(intent.id)
+        log.info("recovery: forgot interrupted merge of %s into %s", body["child"], body["parent"])
+        return
+    if intent.kind != "merge-rebase":
+        raise EngineError(f"intent {intent.id} has unknown kind {intent.kind!r}")
+    path = pool.layout.layer_path(body["layer"])
+    header = pool.qemu_img.info(path).backing_filename
+    expected = (os.path.relpath(pool.layout.layer_path(body["new_parent"]), path.parent)
+                if body["new_parent"] else None)
+    if header == expected:
+        with pool.catalog.transaction() as tx:
+            tx.reparent(body["layer"], body["new_parent"])
+            tx.drop_intent(intent.id)
+        log.info("recovery: finished rebase of %s onto %s", body["layer"], body["new_parent"])
+    else:
+        pool._drop_intent(intent.id)
+        log.info("recovery: undid rebase of %s (header still names its old parent)", body["layer"])
+
+
+class Maintainer:
+    """Runs reclaim and merges in a background thread, woken by the pool
+    after changes and every ``interval`` seconds regardless."""
+
+    def __init__(self, pool: "Pool", *, interval: float = 30.0) -> None:
+        self.pool = pool
+        self.interval = interval
+        self.stats = MaintenanceStats()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self._run_lock = threading.Lock()
+        pool.on_change(self.wake)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="qsnap-maintainer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def wake(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every change so far has been processed."""
+        return self._idle.wait(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.run_once()
+            except EngineError as e:
+                self.stats.last_error = str(e)
+                log.error("maintenance pass failed: %s", e)
+            except Exception as e:  # keep the thread alive; the next pass retries
+                self.stats.last_error = repr(e)
+                log.exception("maintenance pass crashed")
+            if not self._wake.is_set():
+                self._idle.set()
+
+    def run_once(self) -> None:
+        """One full pass: reclaim, then merge until nothing is due."""
+        with self._run_lock:
+            self.stats.passes += 1
+            self.stats.reclaimed_layers += reclaim(self.pool)
+            while (kind := merge_step(self.pool)) is not None:
+                self.stats.merges[kind] += 1
+                self.stats.reclaimed_layers += reclaim(self.pool)
