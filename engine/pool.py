@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engine import validate
+from engine import qcow2, validate
 from engine.catalog import Catalog, Intent, Tx
 from engine.errors import (AlreadyExists, Busy, CatalogCorrupt, InUse, InvalidArgument,
                            NotFound, OutOfRange, PoolFull)
@@ -551,15 +551,16 @@ class Pool:
         return intent
 
     def _make_layer(self, layer_id: str, size: int, backing: str | None) -> None:
-        """Create a layer file under a temporary name, then publish it.
+        """Create an empty layer file under a temporary name, then publish it.
 
         :raises PoolFull: the filesystem is full.
-        :raises ImageError: qemu-img failed.
         """
         tmp = self.layout.temp_path(layer_id)
-        backing_path = self.layout.layer_path(backing) if backing else None
+        # Layers sit side by side, so the backing name is the bare file
+        # name: the pool stays valid if its directory moves.
+        backing_name = self.layout.layer_path(backing).name if backing else None
         try:
-            self.qemu_img.create(tmp, size, backing=backing_path)
+            qcow2.write_image(tmp, size, backing_name)
             self.layout.publish(layer_id)
         except OSError as e:
             self.layout.unlink(layer_id)
