@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what qsnap needs on a Debian 12 machine, idempotently:
+#   Debian packages (only the missing ones), and a virtualenv in .venv with
+#   qsnap installed in editable mode (reinstalled when pyproject.toml changes).
+# Usage: hack/install.sh [--test]     (--test adds the test dependencies)
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+
+# qemu-utils: qemu-img and qemu-io; the rest are the tools tests and the
+# driver call on volumes.
+apt_packages=(qemu-utils e2fsprogs util-linux python3-venv)
+
+as_root() {
+  if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "qsnap: installing Debian packages: ${missing[*]}" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python="${PYTHON:-python3}"
+venv="$repo/.venv"
+if [[ ! -x "$venv/bin/python" ]]; then
+  echo "qsnap: creating virtualenv $venv" >&2
+  "$python" -m venv "$venv"
+fi
+
+# Reinstall only when the project's dependencies (or the extras) changed.
+stamp="$venv/.qsnap-installed"
+want="$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)$extras"
+if [[ ! -f "$stamp" ]] || ! grep -qxF -- "$want" "$stamp"; then
+  echo "qsnap: installing Python dependencies into $venv" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$venv/bin/python" -m pip install -q -e "$repo$extras"
+  echo "$want" > "$stamp"
+fi
