@@ -95,12 +95,17 @@ def _open_layers(pool: "Pool") -> set[str]:
 
 
 def _holders(pool: "Pool", layers: list[str]) -> list[str]:
-    """Lock keys of the volumes and snapshots that point at ``layers``."""
+    """Lock keys of the volumes whose top is one of ``layers``.
+
+    Only those need excluding: expansion is the one request that opens an
+    existing layer file (the top).  Cuts, restores and clones only write new
+    files, and a merge re-checks the references in its final transaction,
+    so it needs no lock against them.
+    """
     keys: list[str] = []
     with pool.catalog.reading() as tx:
         for layer in layers:
             keys += [f"volume:{r['id']}" for r in tx.all("SELECT id FROM volumes WHERE top = ?", (layer,))]
-            keys += [f"snapshot:{r['id']}" for r in tx.all("SELECT id FROM snapshots WHERE layer = ?", (layer,))]
     return keys
 
 
@@ -168,7 +173,9 @@ def _commit_down(pool: "Pool", child: Layer, parent: Layer) -> None:
     pool._crash_point("merge-commit:after-file")
     with pool.catalog.transaction() as tx:
         refs = tx.references(parent.id)
-        if refs != (0, 0, 1) or tx.children(child.id) or tx.pinned_elsewhere(parent.id, intent):
+        now = tx.layer(child.id)
+        if (refs != (0, 0, 1) or now is None or now.virtual_size != child.virtual_size
+                or tx.children(child.id) or tx.pinned_elsewhere(parent.id, intent)):
             # Something changed while we merged: the child still reads the
             # same (it covers every cluster the commit wrote), so just stop.
             tx.drop_intent(intent)
