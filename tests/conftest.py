@@ -30,6 +30,36 @@ if str(ROOT) not in sys.path:
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+# Every call gets this deadline unless it sets its own, so that a hung
+# server fails one test instead of hanging the run.
+CALL_TIMEOUT = 60.0
+
+
+def _code_recorder() -> Any:
+    """A client interceptor that adds the default deadline and records the
+    status code of every unary call (the fixtures assert no UNKNOWN)."""
+    import grpc
+
+    class Details(grpc.ClientCallDetails):
+        def __init__(self, base: grpc.ClientCallDetails) -> None:
+            self.method = base.method
+            self.timeout = CALL_TIMEOUT if base.timeout is None else base.timeout
+            self.metadata = base.metadata
+            self.credentials = base.credentials
+            self.wait_for_ready = base.wait_for_ready
+            self.compression = base.compression
+
+    class Recorder(grpc.UnaryUnaryClientInterceptor):
+        def __init__(self) -> None:
+            self.codes: list[tuple[str, grpc.StatusCode]] = []
+
+        def intercept_unary_unary(self, continuation: Any, client_call_details: Any,
+                                  request: Any) -> Any:
+            outcome = continuation(Details(client_call_details), request)
+            self.codes.append((client_call_details.method, outcome.code()))
+            return outcome
+
+    return Recorder()
 
 
 class Driver:
@@ -51,6 +81,8 @@ class Driver:
         self.extra_args = list(extra_args or [])
         self.log_path = workdir / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.calls: list[tuple[str, Any]] = []   # (method, status code) of every call
+        self._raw_channel: Any = None
         self.channel: Any = None
         self.identity: Any = None
         self.controller: Any = None
@@ -80,7 +112,12 @@ class Driver:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=log,
                                             stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(self.endpoint)
+        recorder = _code_recorder()
+        recorder.codes = self.calls   # shared across restarts
+        # CSI's tcp:// prefix is for the server; gRPC clients dial host:port.
+        target = self.endpoint.removeprefix("tcp://")
+        self._raw_channel = grpc.insecure_channel(target)
+        self.channel = grpc.intercept_channel(self._raw_channel, recorder)
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.inspect = qsnap_pb2_grpc.InspectStub(self.channel)
@@ -104,8 +141,9 @@ class Driver:
 
         :returns: the exit status, or None if it was not running.
         """
-        if self.channel is not None:
-            self.channel.close()
+        if self._raw_channel is not None:
+            self._raw_channel.close()
+            self._raw_channel = None
             self.channel = None
         if self.process is None:
             return None
@@ -126,6 +164,11 @@ class Driver:
         if extra_args is not None:
             self.extra_args = list(extra_args)
         self.start()
+
+    def unknown_calls(self) -> list[str]:
+        """Methods that answered UNKNOWN: the driver must never do that."""
+        import grpc
+        return [method for method, code in self.calls if code == grpc.StatusCode.UNKNOWN]
 
     def log(self) -> str:
         try:
@@ -159,6 +202,8 @@ def driver_factory(tmp_path: Path) -> Iterator[DriverFactory]:
         code = d.stop()
         if code not in (0, None):
             failed_logs.append(f"server exited with {code}:\n{d.log()}")
+        if d.unknown_calls():
+            failed_logs.append(f"calls answered UNKNOWN: {d.unknown_calls()}\n{d.log()}")
     for workdir in workdirs:
         shutil.rmtree(workdir, ignore_errors=True)
     # A server that does not stop cleanly on SIGTERM is a bug worth failing on.
@@ -181,6 +226,7 @@ def module_driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
     code = d.stop()
     shutil.rmtree(workdir, ignore_errors=True)
     assert code == 0, f"server exited with {code}:\n{d.log()}"
+    assert not d.unknown_calls(), f"calls answered UNKNOWN: {d.unknown_calls()}"
 
 
 QemuIo = Callable[[str | Path, str], str]
