@@ -189,6 +189,25 @@ def test_out_of_range(pool: Pool) -> None:
     assert pool.get_volume(v.id).size_bytes == 4 * MIB
 
 
+def test_largest_volume(kit, pool: Pool) -> None:
+    """MAX_VOLUME_SIZE is accepted and usable end to end; one byte more is not."""
+    size = validate.MAX_VOLUME_SIZE
+    v = pool.create_volume("max", required_bytes=size)
+    assert v.size_bytes == size
+    last = size - (64 << 10)
+    kit.write(pool.layer_path(v.top_layer), 0xEF, last, 64 << 10)
+    s = pool.create_snapshot("s", v.id)
+    r = pool.create_volume("r", source=SnapshotSource(s.id))
+    assert r.size_bytes == size
+    kit.expect(pool.layer_path(r.top_layer), 0xEF, last, 64 << 10)
+    kit.expect(pool.layer_path(r.top_layer), 0x00, 0, 1 * MIB)
+    with pytest.raises(OutOfRange):
+        pool.create_volume("r2", required_bytes=size + 1, source=SnapshotSource(s.id))
+    small = pool.create_volume("small", required_bytes=1 * MIB)
+    assert pool.expand_volume(small.id, size).size_bytes == size
+    kit.check_pool(pool)
+
+
 # -- invalid arguments ----------------------------------------------------------
 
 @pytest.mark.parametrize("bad", BAD_TEXT, ids=repr)
