@@ -157,7 +157,7 @@ class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="model-", dir=self.base))
-        self.pool = Pool.open(self.root, config=PoolConfig(depth_cap=3))
+        self.pool = Pool.open(self.root, config=PoolConfig(depth_cap=2))
         self.maintainer = Maintainer(self.pool)
         self.volumes: dict[str, Content] = {}
         self.snapshots: dict[str, Content] = {}
@@ -243,6 +243,19 @@ class PoolMachine(RuleBasedStateMachine):
         del self.snapshots[sid]
 
     @rule()
+    def reopen(self) -> None:
+        """Closing and reopening a clean pool (recovery included) changes nothing."""
+        with self.pool.catalog.reading() as tx:
+            layers = sorted(tx.all_layers(), key=lambda layer: layer.id)
+        files = sorted(os.listdir(self.pool.layout.layers))
+        self.pool.close()
+        self.pool = Pool.open(self.root, config=PoolConfig(depth_cap=2))
+        self.maintainer = Maintainer(self.pool)
+        with self.pool.catalog.reading() as tx:
+            assert sorted(tx.all_layers(), key=lambda layer: layer.id) == layers
+        assert sorted(os.listdir(self.pool.layout.layers)) == files
+
+    @rule()
     def maintain(self) -> None:
         self.maintainer.run_once()
         self.check_everything()
@@ -287,6 +300,6 @@ def test_random_operations_against_a_model(kit, tmp_path: Path) -> None:
     PoolMachine.base = tmp_path
     run_state_machine_as_test(
         PoolMachine,
-        settings=settings(max_examples=15, stateful_step_count=25, deadline=None,
+        settings=settings(max_examples=15, stateful_step_count=40, deadline=None,
                           database=None, derandomize=False,
                           suppress_health_check=list(HealthCheck)))
