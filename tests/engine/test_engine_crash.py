@@ -335,12 +335,18 @@ class RebaseCollapse(Scenario):
 
 
 class Reclaim(Scenario):
-    """A deleted volume's only layer is reclaimed."""
+    """A deleted volume and its deleted snapshot: two layers to reclaim,
+    the top first (its parent only becomes garbage once the top's row is
+    gone)."""
 
     def prepare(self, kit, pool, w):
         gone = pool.create_volume("gone", required_bytes=1 * MIB)
         kit.write_regions(top(pool, gone.id), {0: 0x99})
-        w.layers["gone"] = gone.top_layer
+        gone_s = pool.create_snapshot("gone-s", gone.id)
+        kit.write_regions(top(pool, gone.id), {1: 0x98})
+        w.layers["gone-base"] = gone_s.layer
+        w.layers["gone"] = pool.get_volume(gone.id).top_layer
+        pool.delete_snapshot(gone_s.id)
         pool.delete_volume(gone.id)
         return {"op": "maintain"}
 
@@ -348,7 +354,9 @@ class Reclaim(Scenario):
         return not pool.layer_path(w.layers["gone"]).exists()
 
     def check_done(self, kit, pool, w):
-        assert w.layers["gone"] not in kit.catalog_layers(pool)
+        layers = kit.catalog_layers(pool)
+        assert w.layers["gone"] not in layers and w.layers["gone-base"] not in layers
+        assert not pool.layer_path(w.layers["gone-base"]).exists()
 
     def retry(self, kit, pool, w):
         Maintainer(pool).run_once()
