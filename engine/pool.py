@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -666,12 +667,15 @@ def _same_volume(existing: Volume, required: int, limit: int, source: ContentSou
 
 # -- pagination --------------------------------------------------------------
 
+_TOKEN = re.compile(r"[0-9]{1,18}")
+
+
 def _page_args(token: str, max_entries: int) -> tuple[int, int]:
     if max_entries < 0:
         raise InvalidArgument("max_entries must not be negative")
     after = 0
     if token:
-        if not token.isdigit() or len(token) > 18:
+        if not _TOKEN.fullmatch(token):
             raise Busy(f"starting_token {token!r} was not issued by this driver")
         after = int(token)
     limit = max_entries or 1_000_000_000

@@ -234,7 +234,12 @@ def recover_merge(pool: "Pool", intent: Intent) -> None:
     """
     body: dict[str, Any] = intent.body
     if intent.kind == "merge-commit":
-        pool._drop_intent(intent.id)
+        # The parent may have been grown before the commit; only its child
+        # reads it, but the catalog must say how big the file is.
+        parent_size = pool.qemu_img.info(pool.layout.layer_path(body["parent"])).virtual_size
+        with pool.catalog.transaction() as tx:
+            tx.set_layer_size(body["parent"], parent_size)
+            tx.drop_intent(intent.id)
         log.info("recovery: forgot interrupted merge of %s into %s", body["child"], body["parent"])
         return
     if intent.kind != "merge-rebase":
