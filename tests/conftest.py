@@ -65,17 +65,22 @@ def _code_recorder() -> Any:
 class Driver:
     """One running ``python -m csidriver`` process and stubs to talk to it.
 
-    :param workdir: a short directory for the socket (unix socket paths are
-        limited to 107 bytes, pytest's tmp paths can be longer).
+    :param workdir: a short directory for the socket and the server's log
+        (unix socket paths are limited to 107 bytes, pytest's tmp paths can
+        be longer).
     :param pool_root: the pool directory the server manages.
     :param extra_args: more command-line flags (``--quota``, ``--reserve``...).
+    :param endpoint: ``unix:///path`` or ``tcp://host:port``; by default
+        ``csi.sock`` in ``workdir``.
     """
 
     def __init__(self, workdir: Path, pool_root: Path, extra_args: list[str] | None = None,
-                 nodeid: str = "test-node") -> None:
+                 nodeid: str = "test-node", endpoint: str | None = None) -> None:
         self.workdir = workdir
-        self.socket = workdir / "csi.sock"
-        self.endpoint = f"unix://{self.socket}"
+        self.endpoint = endpoint or f"unix://{workdir / 'csi.sock'}"
+        # The socket file (None for a TCP endpoint).
+        self.socket: Path | None = (Path(self.endpoint.removeprefix("unix://"))
+                                    if self.endpoint.startswith("unix://") else None)
         self.pool_root = pool_root
         self.nodeid = nodeid
         self.extra_args = list(extra_args or [])
@@ -183,17 +188,24 @@ DriverFactory = Callable[..., Driver]
 @pytest.fixture
 def driver_factory(tmp_path: Path) -> Iterator[DriverFactory]:
     """Start servers with extra flags: ``driver_factory("--quota", "1G")``.
-    Each call gets its own pool and socket; all are stopped at teardown."""
+
+    Each call gets its own pool and socket unless ``pool_root``,
+    ``workdir`` or ``endpoint`` say otherwise; ``start=False`` returns the
+    server unstarted.  All are stopped at teardown.
+    """
     started: list[Driver] = []
     workdirs: list[Path] = []
 
-    def make(*extra_args: str, pool_root: Path | None = None) -> Driver:
-        workdir = Path(tempfile.mkdtemp(prefix="qsnap-csi-", dir="/tmp"))
+    def make(*extra_args: str, pool_root: Path | None = None, workdir: Path | None = None,
+             endpoint: str | None = None, start: bool = True) -> Driver:
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="qsnap-csi-", dir="/tmp"))
         workdirs.append(workdir)
         pool = pool_root or tmp_path / f"pool{len(started)}"
-        d = Driver(workdir, pool, list(extra_args))
+        d = Driver(workdir, pool, list(extra_args), endpoint=endpoint)
         started.append(d)
-        d.start()
+        if start:
+            d.start()
         return d
 
     yield make

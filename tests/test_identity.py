@@ -11,14 +11,21 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from conftest import ROOT, Driver, DriverFactory
 from csidriver.pb import csi_pb2
 from csidriver.server import parse_args, parse_endpoint
+
+if TYPE_CHECKING:
+    # Only for annotations: several test directories have a conftest.py, so
+    # "conftest" is not a module name to import at run time.
+    from conftest import Driver, DriverFactory
+
+ROOT = Path(__file__).resolve().parent.parent
 
 Service = csi_pb2.PluginCapability.Service
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
@@ -98,7 +105,7 @@ def test_health_unknown_service(driver: Driver) -> None:
 # -- the process ----------------------------------------------------------------
 
 def test_sigterm_stops_cleanly_and_removes_socket(driver: Driver) -> None:
-    assert driver.socket.exists()
+    assert driver.socket is not None and driver.socket.is_socket()
     assert driver.stop() == 0
     assert not driver.socket.exists()
     assert "stopped" in driver.log()
@@ -126,25 +133,16 @@ def test_stale_socket_is_replaced(driver_factory: DriverFactory) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(stale))
     s.close()   # the file stays, nobody listens: what a killed driver leaves
-    d = Driver(workdir, workdir / "pool")
-    try:
-        d.start()
-        assert "removed stale socket" in d.log()
-        assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
-    finally:
-        assert d.stop() == 0
+    d = driver_factory(workdir=workdir)
+    assert "removed stale socket" in d.log()
+    assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
 
 
-def test_socket_directory_is_created(tmp_path: Path) -> None:
+def test_socket_directory_is_created(driver_factory: DriverFactory) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="qsnap-dir-", dir="/tmp"))
-    d = Driver(workdir, tmp_path / "pool")
-    d.socket = workdir / "a" / "b" / "csi.sock"
-    d.endpoint = f"unix://{d.socket}"
-    try:
-        d.start()
-        assert d.socket.exists()
-    finally:
-        assert d.stop() == 0
+    d = driver_factory(endpoint=f"unix://{workdir}/a/b/csi.sock", workdir=workdir)
+    assert d.socket == workdir / "a" / "b" / "csi.sock"
+    assert d.socket.is_socket()
 
 
 def test_refuses_live_socket(driver: Driver, tmp_path: Path) -> None:
@@ -184,19 +182,14 @@ def test_bad_flags_exit_2(tmp_path: Path, flags: list[str], message: str) -> Non
     assert message in done.stderr
 
 
-def test_tcp_endpoint(tmp_path: Path) -> None:
+def test_tcp_endpoint(driver_factory: DriverFactory) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    workdir = Path(tempfile.mkdtemp(prefix="qsnap-tcp-", dir="/tmp"))
-    d = Driver(workdir, tmp_path / "pool")
-    d.endpoint = f"tcp://127.0.0.1:{port}"
-    try:
-        d.start()
-        assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
-        assert not d.socket.exists()
-    finally:
-        assert d.stop() == 0
+    d = driver_factory(endpoint=f"tcp://127.0.0.1:{port}")
+    assert d.socket is None
+    assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    assert f"on tcp://127.0.0.1:{port}" in d.log()
 
 
 # -- flag parsing (in process) ----------------------------------------------------
