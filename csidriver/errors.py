@@ -97,15 +97,16 @@ def abort_for(context: grpc.ServicerContext, exc: BaseException, rpc: str) -> No
 
     Logs at a level that matches who is at fault: a refused request is
     the client's business (DEBUG), an internal failure is ours (ERROR, with
-    the traceback for anything the engine did not raise on purpose).
+    the traceback, which the client never sees).
     """
     code, message = status_for(exc, rpc)
     if code is grpc.StatusCode.INTERNAL:
-        if isinstance(exc, EngineError):
-            extra = f"; stderr: {exc.stderr}" if isinstance(exc, ImageError) and exc.stderr else ""
-            log.error("%s failed: %s%s", rpc, exc, extra)
+        if isinstance(exc, ImageError) and exc.command:
+            log.error("%s failed: %s (command: %s)", rpc, exc, " ".join(exc.command), exc_info=exc)
+        elif isinstance(exc, EngineError):
+            log.error("%s failed: %s", rpc, exc, exc_info=exc)
         else:
-            log.error("%s crashed", rpc, exc_info=exc)
+            log.error("%s crashed: %r", rpc, exc, exc_info=exc)
     else:
         log.debug("%s refused with %s: %s", rpc, code.name, message)
     context.abort(code, message)
