@@ -982,3 +982,81 @@ def test_restart_keeps_everything(driver: Driver, qemu_io: QemuIo) -> None:
     assert [e.volume for e in rest.entries] == [second]
     restored = create(driver, "after-restart", snapshot=s.snapshot_id)
     qemu_io(top(driver, restored.volume_id), "read -P 0x77 0 1M")
+
+
+# -- error mapping -----------------------------------------------------------------
+
+def test_every_engine_error_has_one_code() -> None:
+    import engine.errors as ee
+    from csidriver.errors import RpcError, status_for
+    expected = {
+        ee.InvalidArgument: Code.INVALID_ARGUMENT, ee.NotFound: Code.NOT_FOUND,
+        ee.AlreadyExists: Code.ALREADY_EXISTS, ee.OutOfRange: Code.OUT_OF_RANGE,
+        ee.PoolFull: Code.RESOURCE_EXHAUSTED, ee.FailedPrecondition: Code.FAILED_PRECONDITION,
+        ee.InUse: Code.FAILED_PRECONDITION, ee.Busy: Code.ABORTED, ee.ImageError: Code.INTERNAL,
+        ee.CatalogCorrupt: Code.INTERNAL, ee.EngineError: Code.INTERNAL,
+    }
+    defined = {c for c in vars(ee).values() if isinstance(c, type) and issubclass(c, ee.EngineError)}
+    assert defined == set(expected), "a new engine error needs its code in csidriver/errors.py"
+    for cls, want in expected.items():
+        got, message = status_for(cls("the reason"), "SomeRpc")
+        assert got == want, cls
+        assert "the reason" in message
+
+    class Narrower(ee.NotFound):
+        pass
+    assert status_for(Narrower("x"))[0] == Code.NOT_FOUND
+    got, message = status_for(KeyError("internal detail"), "CreateVolume")
+    assert got == Code.INTERNAL
+    assert "CreateVolume" in message and "internal detail" not in message
+    assert status_for(RpcError(Code.UNIMPLEMENTED, "no"))[0] == Code.UNIMPLEMENTED
+
+
+def test_open_volume_is_failed_precondition(driver: Driver) -> None:
+    vol = create(driver, "in-use")
+    catalog = driver.pool_root / "catalog.db"
+
+    def set_owner(owner: str) -> None:
+        db = sqlite3.connect(catalog, timeout=10)
+        try:
+            with db:
+                db.execute("UPDATE volumes SET owner = ? WHERE id = ?", (owner, vol.volume_id))
+        finally:
+            db.close()
+
+    # What the Node service will record while a VM or the storage daemon has it open.
+    set_owner("served")
+    c = driver.controller
+    for method, req in [
+        (c.DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id)),
+        (c.CreateSnapshot, csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=vol.volume_id)),
+        (c.CreateVolume, volume_req("clone", volume=vol.volume_id)),
+        (c.ControllerExpandVolume, csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MIB))),
+    ]:
+        e = error(method, req)
+        assert e.code() == Code.FAILED_PRECONDITION, method
+        assert "is open" in e.details()
+    set_owner("closed")
+    c.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    wait_empty(driver)
+
+
+def test_broken_layer_is_internal_with_a_clear_message(driver: Driver) -> None:
+    vol = create(driver, "broken")
+    with open(top(driver, vol.volume_id), "r+b") as f:
+        f.write(b"not a qcow2 header")
+    e = error(driver.controller.ControllerExpandVolume, csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MIB)))
+    assert e.code() == Code.INTERNAL
+    assert e.details().startswith("image tool failure: ")
+    assert "not in qcow2 format" in e.details()
+    assert "Traceback" not in e.details()
+    # The traceback is in the driver's log, next to the RPC's own line.
+    log = driver.log()
+    assert "ControllerExpandVolume failed" in log and "Traceback" in log
+    assert f"volume_id={vol.volume_id} code=INTERNAL" in log
+    # The volume is still there, unchanged.
+    got = driver.controller.ControllerGetVolume(
+        csi_pb2.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+    assert got.volume.capacity_bytes == 4 * MIB

@@ -222,3 +222,30 @@ def test_parse_args_defaults_and_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert o.config.depth_cap == 8
     monkeypatch.setenv("CSI_ENDPOINT", "unix:///tmp/from-env.sock")
     assert parse_args([]).endpoint == "unix:///tmp/from-env.sock"
+
+
+def test_cached_check_caches_success_only() -> None:
+    from csidriver.identity import CachedCheck
+    now = [0.0]
+    calls: list[float] = []
+    failing = [False]
+
+    def check() -> None:
+        calls.append(now[0])
+        if failing[0]:
+            raise RuntimeError("qemu-img is gone")
+
+    cached = CachedCheck(check, ttl=10.0, clock=lambda: now[0])
+    cached()
+    cached()
+    assert len(calls) == 1
+    now[0] = 11.0
+    failing[0] = True
+    for _ in range(2):   # a failure is never remembered
+        with pytest.raises(RuntimeError):
+            cached()
+    assert len(calls) == 3
+    failing[0] = False
+    cached()
+    cached()
+    assert len(calls) == 4
