@@ -45,7 +45,7 @@ Mode = csi_pb2.VolumeCapability.AccessMode
 # What the controller serves, advertised by ControllerGetCapabilities and
 # checked at the top of each RPC.  VOLUME_CONDITION is real: a volume whose
 # backing chain has a missing layer file is reported abnormal.
-CAPABILITIES: tuple[int, ...] = (
+CAPABILITIES: tuple[csi_pb2.ControllerServiceCapability.RPC.Type, ...] = (
     RPC.CREATE_DELETE_VOLUME,
     RPC.CREATE_DELETE_SNAPSHOT,
     RPC.LIST_SNAPSHOTS,
@@ -178,7 +178,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
     # -- shared steps ----------------------------------------------------
 
-    def _check_capability(self, rpc: int) -> None:
+    def _check_capability(self, rpc: csi_pb2.ControllerServiceCapability.RPC.Type) -> None:
         """:raises InvalidArgument: the RPC's capability is not advertised."""
         if rpc not in self.capabilities:
             raise InvalidArgument(f"capability {RPC.Type.Name(rpc)} is not supported")

@@ -24,12 +24,12 @@ Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 # What this plugin serves.  The Node and GroupController services come
 # later; each adds one line here when its servicer is registered.
-SERVICES: tuple[int, ...] = (
+SERVICES: tuple[csi_pb2.PluginCapability.Service.Type, ...] = (
     Service.CONTROLLER_SERVICE,
 )
 # The engine grows only closed volumes (expand_volume raises InUse for an
 # open one), so expansion is offline: the volume must be unpublished.
-EXPANSION: int = Expansion.OFFLINE
+EXPANSION: csi_pb2.PluginCapability.VolumeExpansion.Type = Expansion.OFFLINE
 
 # How long a successful qemu-img check is trusted: Probe is called every few
 # seconds by the liveness sidecar and must stay cheap.

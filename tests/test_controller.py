@@ -47,7 +47,7 @@ UNKNOWN_SNAPSHOT = "s-" + "0" * 32
 
 # -- helpers ----------------------------------------------------------------------
 
-def cap(mode: int = Mode.SINGLE_NODE_WRITER, *, block: bool = False,
+def cap(mode: Mode.Mode = Mode.SINGLE_NODE_WRITER, *, block: bool = False,
         fs_type: str = "") -> csi_pb2.VolumeCapability:
     access = Mode(mode=mode)
     if block:
@@ -216,7 +216,7 @@ def test_create_volume_sizes(shared: Driver) -> None:
 
 @pytest.mark.parametrize("mode", SINGLE_NODE_MODES)
 @pytest.mark.parametrize("kind", ["block", "mount", "ext4", "xfs"])
-def test_create_volume_supported_capabilities(shared: Driver, mode: int, kind: str) -> None:
+def test_create_volume_supported_capabilities(shared: Driver, mode: Mode.Mode, kind: str) -> None:
     c = cap(mode, block=True) if kind == "block" else cap(mode, fs_type="" if kind == "mount"
                                                           else kind)
     name = f"caps-{kind}-{mode}"
@@ -508,7 +508,7 @@ def test_validate_volume_capabilities(shared: Driver) -> None:
     assert code(validate, req(volume_id=vol.volume_id)) == Code.INVALID_ARGUMENT
     assert code(validate, req(volume_capabilities=[cap()])) == Code.INVALID_ARGUMENT
     assert code(validate, req(volume_id=vol.volume_id, volume_capabilities=[
-        csi_pb2.VolumeCapability(access_mode=Mode(mode=1))])) == Code.INVALID_ARGUMENT
+        csi_pb2.VolumeCapability(access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER))])) == Code.INVALID_ARGUMENT
 
 
 # -- ListVolumes / GetCapacity / ControllerGetVolume ------------------------------
@@ -574,7 +574,7 @@ def test_get_capacity(driver: Driver) -> None:
     assert code(c.GetCapacity, csi_pb2.GetCapacityRequest(parameters={"fast": "1"})) == \
         Code.INVALID_ARGUMENT
     assert code(c.GetCapacity, csi_pb2.GetCapacityRequest(volume_capabilities=[
-        csi_pb2.VolumeCapability(access_mode=Mode(mode=1))])) == Code.INVALID_ARGUMENT
+        csi_pb2.VolumeCapability(access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER))])) == Code.INVALID_ARGUMENT
 
 
 def test_volume_condition_reports_missing_layer(driver: Driver) -> None:

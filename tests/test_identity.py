@@ -62,7 +62,8 @@ def test_plugin_info_custom_name(driver_factory: DriverFactory) -> None:
     # The name also prefixes the volume context keys.
     cap = csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(),
-        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
     vol = d.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
         name="v", volume_capabilities=[cap],
         capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 20))).volume
@@ -120,7 +121,8 @@ def test_sigint_stops_cleanly(driver: Driver) -> None:
 def test_restart_keeps_state(driver: Driver) -> None:
     cap = csi_pb2.VolumeCapability(
         block=csi_pb2.VolumeCapability.BlockVolume(),
-        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
     req = csi_pb2.CreateVolumeRequest(name="keep", volume_capabilities=[cap])
     before = driver.controller.CreateVolume(req).volume
     driver.restart()
