@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "unix:///run/qsnap/csi.sock"
 DEFAULT_DRIVERNAME = "qsnap.csi.dev"
+# The CSI spec's driver names: at most 63 characters, alphanumerics with
+# dashes and dots between, alphanumeric at both ends.
+DRIVERNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")
 WORKERS = 16
 # In-flight RPCs get this long to finish on SIGTERM; the CO retries the rest.
 GRACE_SECONDS = 10.0
@@ -115,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="cap on the sum of volume sizes, e.g. 500G (default: none)")
     p.add_argument("--reserve", type=_size, default=64 << 20,
                    help="free space the pool's filesystem keeps, e.g. 1G (default: 64M)")
-    p.add_argument("--log-level", default="info",
+    p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error"])
     return p
 
@@ -132,6 +136,9 @@ def parse_args(argv: list[str] | None) -> Options:
         p.error(str(e))
     if not args.nodeid:
         p.error("--nodeid must not be empty")
+    if not DRIVERNAME.match(args.drivername):
+        p.error(f"--drivername {args.drivername!r} is not a CSI driver name (at most 63 "
+                "characters: letters, digits, '-' and '.', a letter or digit at both ends)")
     return Options(endpoint=args.endpoint, pool_root=args.pool or default_root(),
                    nodeid=args.nodeid, drivername=args.drivername, config=config,
                    log_level=args.log_level)

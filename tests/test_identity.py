@@ -177,6 +177,9 @@ def test_refuses_pool_in_use(driver: Driver, tmp_path: Path) -> None:
     (["--quota", "0"], "quota must be positive"),
     (["--endpoint", "http://x"], "expected unix:///path or tcp://host:port"),
     (["--endpoint", "unix://relative.sock"], "must be absolute"),
+    (["--drivername", "bad/name"], "is not a CSI driver name"),
+    (["--drivername", "x" * 64], "is not a CSI driver name"),
+    (["--nodeid", ""], "--nodeid must not be empty"),
 ])
 def test_bad_flags_exit_2(tmp_path: Path, flags: list[str], message: str) -> None:
     done = _run_server("--pool", str(tmp_path / "pool"), *flags)
