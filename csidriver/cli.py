@@ -254,6 +254,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("serve", help="run the CSI driver (see `qsnap serve --help`)", add_help=False)
+    sub.add_parser("bench", help="benchmark snapshot latency of a CSI driver "
+                   "(see `qsnap bench --help`)", add_help=False)
 
     vol = sub.add_parser("volume", help="create, list, show, expand, delete volumes")
     vsub = vol.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -319,6 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if all(a.startswith("-") for a in argv[:at]):
             from csidriver import server
             return server.main(argv[at + 1:])
+    if "bench" in argv:
+        # Likewise everything after `bench` belongs to the benchmark's parser.
+        at = argv.index("bench")
+        if all(a.startswith("-") for a in argv[:at]):
+            from csidriver import bench
+            return bench.main(argv[at + 1:])
     args = _parser().parse_args(argv)
     client = Client(args.endpoint, timeout=args.timeout)
     try:
