@@ -233,7 +233,9 @@ def cmd_pool(client: Client, args: argparse.Namespace) -> None:
             "used_bytes": s.used_bytes, "provisioned_bytes": s.provisioned_bytes,
             "volumes": s.volumes, "snapshots": s.snapshots, "layers": s.layers,
             "garbage_layers": s.garbage_layers, "max_depth": s.max_depth,
-            "depth_cap": s.depth_cap, "pending_intents": s.pending_intents}
+            "depth_cap": s.depth_cap, "pending_intents": s.pending_intents,
+            "reclaimed_layers": s.reclaimed_layers, "collapse_merges": s.collapse_merges,
+            "flatten_merges": s.flatten_merges, "maintenance_error": s.maintenance_error}
 
     def human() -> str:
         return "\n".join(f"{k + ':':20} {format_size(v) + f' ({v})' if k.endswith('bytes') else v}"

@@ -10,34 +10,23 @@ from csidriver.pb import qsnap_pb2, qsnap_pb2_grpc
 from engine.errors import InvalidArgument
 from engine.model import LayerInfo, SnapshotSource, VolumeSource
 from engine.pool import Pool
-
-# Kubernetes' external-provisioner adds these with --extra-create-metadata;
-# together they name the claim a volume was made for.
-PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
-PVC_NAME = "csi.storage.k8s.io/pvc/name"
-
+from engine.reclaim import MaintenanceStats
 
 def _layers_pb(chain: list[LayerInfo]) -> list[qsnap_pb2.LayerDetails]:
-    # LayerDetails.depth is the position in the chain (0 = top), not the
-    # engine's depth above the base.
-    return [qsnap_pb2.LayerDetails(id=layer.id, path=layer.path, depth=position,
+    return [qsnap_pb2.LayerDetails(id=layer.id, path=layer.path, depth=layer.depth,
                                    virtual_size=layer.virtual_size,
                                    allocated_bytes=layer.allocated_bytes,
                                    read_only=layer.read_only)
-            for position, layer in enumerate(chain)]
-
-
-def _owner(parameters: dict[str, str]) -> str:
-    name = parameters.get(PVC_NAME, "")
-    namespace = parameters.get(PVC_NAMESPACE, "")
-    return f"{namespace}/{name}" if name and namespace else name
+            for layer in chain]
 
 
 class Inspect(qsnap_pb2_grpc.InspectServicer):
-    """:param pool: the open pool."""
+    """:param pool: the open pool.
+    :param stats: the background maintainer's running totals."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, stats: MaintenanceStats) -> None:
         self.pool = pool
+        self.stats = stats
 
     def DescribeVolume(self, request: qsnap_pb2.DescribeVolumeRequest,
                        context: grpc.ServicerContext) -> qsnap_pb2.VolumeDetails:
@@ -50,7 +39,7 @@ class Inspect(qsnap_pb2_grpc.InspectServicer):
         return qsnap_pb2.VolumeDetails(
             volume_id=volume.id, name=volume.name, size_bytes=volume.size_bytes,
             allocated_bytes=sum(layer.allocated_bytes for layer in chain),
-            created_ns=volume.created_ns, owner=_owner(volume.parameters),
+            created_ns=volume.created_ns, owner=volume.owner.value,
             source_snapshot_id=(volume.source.snapshot_id
                                 if isinstance(volume.source, SnapshotSource) else ""),
             source_volume_id=(volume.source.volume_id
@@ -93,4 +82,8 @@ class Inspect(qsnap_pb2_grpc.InspectServicer):
             provisioned_bytes=capacity.provisioned_bytes, volumes=volumes, snapshots=snapshots,
             layers=len(layers), garbage_layers=garbage,
             max_depth=max((layer.depth for layer in layers), default=0),
-            depth_cap=self.pool.config.depth_cap, pending_intents=intents)
+            depth_cap=self.pool.config.depth_cap, pending_intents=intents,
+            reclaimed_layers=self.stats.reclaimed_layers,
+            collapse_merges=self.stats.merges["collapse"],
+            flatten_merges=self.stats.merges["flatten"],
+            maintenance_error=self.stats.last_error)

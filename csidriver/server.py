@@ -34,7 +34,7 @@ from csidriver.units import parse_size
 from engine.errors import EngineError, InvalidArgument
 from engine.layout import default_root
 from engine.pool import Pool, PoolConfig
-from engine.reclaim import Maintainer
+from engine.reclaim import Maintainer, MaintenanceStats
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def prepare_socket(path: Path) -> None:
 Registration = tuple[Callable[[Any, grpc.Server], None], Any]
 
 
-def services(pool: Pool, options: Options) -> list[Registration]:
+def services(pool: Pool, options: Options, stats: MaintenanceStats) -> list[Registration]:
     """Every servicer this process serves, with the function that registers
     it.  The Node service joins this list the same way."""
     return [
@@ -252,7 +252,7 @@ def services(pool: Pool, options: Options) -> list[Registration]:
          Identity(options.drivername, pool, options.nodeid)),
         (csi_pb2_grpc.add_ControllerServicer_to_server,
          Controller(pool, options.drivername, options.nodeid)),
-        (qsnap_pb2_grpc.add_InspectServicer_to_server, Inspect(pool)),
+        (qsnap_pb2_grpc.add_InspectServicer_to_server, Inspect(pool, stats)),
     ]
 
 
@@ -298,7 +298,7 @@ class DriverServer:
             # Two drivers on one TCP port must fail, not share the traffic.
             options=[("grpc.so_reuseport", 0)])
         self.server = server
-        for register, servicer in services(self.pool, o):
+        for register, servicer in services(self.pool, o, self.maintainer.stats):
             register(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.endpoint.socket is not None:

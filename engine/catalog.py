@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CatalogCorrupt, PoolFull
+from engine.errors import Busy, CatalogCorrupt, PoolFull
 from engine.model import Layer, Owner, Snapshot, SnapshotSource, Volume, VolumeSource
 
 SCHEMA_VERSION = 1
@@ -134,6 +134,7 @@ class Catalog:
         """A write transaction (BEGIN IMMEDIATE); commits on success.
 
         :raises PoolFull: SQLite could not write because the disk is full.
+        :raises Busy: another process holds the catalog's write lock.
         """
         with self._lock:
             try:
@@ -145,10 +146,15 @@ class Catalog:
                     raise
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as e:
-                if "full" in str(e).lower():
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
+                text = str(e).lower()
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if "full" in text:
                     raise PoolFull(f"the catalog cannot grow: {e}") from e
+                if "locked" in text or "busy" in text:
+                    # Only a process other than qsnap can hold the write lock
+                    # (the pool lock keeps a second driver out): retry later.
+                    raise Busy(f"the catalog {self.path} is locked by another process") from e
                 raise
 
     @contextmanager

@@ -35,8 +35,8 @@ class PoolFull(EngineError):
 
 
 class FailedPrecondition(EngineError):
-    """The object is in a state that forbids the request (for example a
-    restore smaller than its snapshot's content would truncate data)."""
+    """The object is in a state that forbids the request (for example it is
+    open by another process)."""
 
 
 class InUse(FailedPrecondition):

@@ -555,7 +555,12 @@ class Pool:
         """Create an empty layer file under a temporary name, then publish it.
 
         :raises PoolFull: the filesystem is full.
+        :raises CatalogCorrupt: the backing layer's file is missing.
         """
+        if backing and not self.layout.layer_path(backing).exists():
+            # The direct writer never opens the backing file, so check here:
+            # an overlay on a missing file would hide the damage.
+            raise CatalogCorrupt(f"layer file {self.layout.layer_path(backing)} is missing")
         tmp = self.layout.temp_path(layer_id)
         # Layers sit side by side, so the backing name is the bare file
         # name: the pool stays valid if its directory moves.

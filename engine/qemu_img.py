@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import ImageError, NotFound, PoolFull
+from engine.errors import ImageError, PoolFull
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ class QemuImg:
         """Run ``qemu-img args``; return stdout.
 
         :raises PoolFull: the command failed with ENOSPC / EDQUOT.
-        :raises NotFound: an input image does not exist.
-        :raises ImageError: any other failure, with stderr attached.
+        :raises ImageError: any other failure (a missing image included: the
+            catalog named it, so its absence is damage, not a caller's
+            mistake), with stderr attached.
         """
         command = [self.binary, *args]
         try:
@@ -81,8 +82,6 @@ class QemuImg:
             lowered = stderr.lower()
             if "no space left" in lowered or "disk quota exceeded" in lowered:
                 raise PoolFull(f"{what}: the pool's filesystem is full ({stderr})")
-            if "no such file or directory" in lowered and "could not open" in lowered:
-                raise NotFound(f"{what}: {stderr}")
             raise ImageError(f"{what} failed: {stderr or 'exit ' + str(done.returncode)}",
                              command=command, stderr=stderr, returncode=done.returncode)
         return done.stdout
@@ -99,8 +98,7 @@ class QemuImg:
     def info(self, path: Path) -> ImageInfo:
         """Header facts of one image, without opening its backing chain.
 
-        :raises NotFound: no such file.
-        :raises ImageError: the file is not a readable qcow2 image.
+        :raises ImageError: no such file, or not a readable qcow2 image.
         """
         out = self._run(["info", "--output=json", "-f", QCOW2, "-U", str(path)],
                         what=f"inspect {path.name}")

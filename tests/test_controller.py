@@ -234,7 +234,9 @@ def test_create_volume_is_idempotent(driver: Driver) -> None:
     # A range the existing size satisfies is the same request too.
     assert create(driver, "same", 2 * MIB, limit=8 * MIB, caps=caps, params=params) == first
     assert status(driver).volumes == 1
-    assert describe(driver, first.volume_id).owner == "ns/data"
+    details = describe(driver, first.volume_id)
+    assert details.owner == "closed"
+    assert dict(details.parameters) == params
 
 
 def test_create_volume_same_name_other_arguments(driver: Driver) -> None:
@@ -621,11 +623,11 @@ def test_create_snapshot(driver: Driver) -> None:
     # creation_time is the cut, to the nanosecond.
     assert details.created_ns == ns(s.creation_time)
     assert details.name == "snap-1" and details.ready_to_use
-    assert details.chain[0].read_only and details.chain[0].depth == 0
+    assert details.chain[0].read_only and details.chain[0].depth == 1
     # The volume went on on a new top, above the snapshot's layer.
     chain = describe(driver, vol.volume_id).chain
     assert [layer.id for layer in chain[1:]] == [layer.id for layer in details.chain]
-    assert [layer.depth for layer in chain] == [0, 1]
+    assert [layer.depth for layer in chain] == [2, 1]
     assert not chain[0].read_only
     got = driver.controller.GetSnapshot(csi_pb2.GetSnapshotRequest(snapshot_id=s.snapshot_id))
     assert got.snapshot == s

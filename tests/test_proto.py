@@ -590,6 +590,8 @@ QSNAP_FIELDS: dict[str, dict[str, int]] = {
         "root": 1, "total_bytes": 2, "available_bytes": 3, "used_bytes": 4,
         "provisioned_bytes": 5, "volumes": 6, "snapshots": 7, "layers": 8,
         "garbage_layers": 9, "max_depth": 10, "depth_cap": 11, "pending_intents": 12,
+        "reclaimed_layers": 13, "collapse_merges": 14, "flatten_merges": 15,
+        "maintenance_error": 16,
     },
 }
 

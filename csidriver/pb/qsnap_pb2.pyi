@@ -101,7 +101,7 @@ class PoolStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolStatusResponse(_message.Message):
-    __slots__ = ("root", "total_bytes", "available_bytes", "used_bytes", "provisioned_bytes", "volumes", "snapshots", "layers", "garbage_layers", "max_depth", "depth_cap", "pending_intents")
+    __slots__ = ("root", "total_bytes", "available_bytes", "used_bytes", "provisioned_bytes", "volumes", "snapshots", "layers", "garbage_layers", "max_depth", "depth_cap", "pending_intents", "reclaimed_layers", "collapse_merges", "flatten_merges", "maintenance_error")
     ROOT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,10 @@ class PoolStatusResponse(_message.Message):
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     DEPTH_CAP_FIELD_NUMBER: _ClassVar[int]
     PENDING_INTENTS_FIELD_NUMBER: _ClassVar[int]
+    RECLAIMED_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    COLLAPSE_MERGES_FIELD_NUMBER: _ClassVar[int]
+    FLATTEN_MERGES_FIELD_NUMBER: _ClassVar[int]
+    MAINTENANCE_ERROR_FIELD_NUMBER: _ClassVar[int]
     root: str
     total_bytes: int
     available_bytes: int
@@ -126,4 +130,8 @@ class PoolStatusResponse(_message.Message):
     max_depth: int
     depth_cap: int
     pending_intents: int
-    def __init__(self, root: _Optional[str] = ..., total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., provisioned_bytes: _Optional[int] = ..., volumes: _Optional[int] = ..., snapshots: _Optional[int] = ..., layers: _Optional[int] = ..., garbage_layers: _Optional[int] = ..., max_depth: _Optional[int] = ..., depth_cap: _Optional[int] = ..., pending_intents: _Optional[int] = ...) -> None: ...
+    reclaimed_layers: int
+    collapse_merges: int
+    flatten_merges: int
+    maintenance_error: str
+    def __init__(self, root: _Optional[str] = ..., total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., provisioned_bytes: _Optional[int] = ..., volumes: _Optional[int] = ..., snapshots: _Optional[int] = ..., layers: _Optional[int] = ..., garbage_layers: _Optional[int] = ..., max_depth: _Optional[int] = ..., depth_cap: _Optional[int] = ..., pending_intents: _Optional[int] = ..., reclaimed_layers: _Optional[int] = ..., collapse_merges: _Optional[int] = ..., flatten_merges: _Optional[int] = ..., maintenance_error: _Optional[str] = ...) -> None: ...
