@@ -29,6 +29,7 @@ from csidriver.controller import Controller
 from csidriver.errors import ErrorInterceptor, wrap_handler
 from csidriver.identity import Identity
 from csidriver.inspect import Inspect
+from csidriver.metrics import Metrics
 from csidriver.pb import csi_pb2, csi_pb2_grpc, qsnap_pb2, qsnap_pb2_grpc
 from csidriver.units import parse_size
 from engine.errors import EngineError, InvalidArgument
@@ -62,6 +63,8 @@ class Options:
     drivername: str
     config: PoolConfig
     log_level: str
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="cap on the sum of volume sizes, e.g. 500G (default: none)")
     p.add_argument("--reserve", type=_size, default=64 << 20,
                    help="free space the pool's filesystem keeps, e.g. 1G (default: 64M)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port at /metrics (default: off)")
+    p.add_argument("--metrics-address", default="0.0.0.0",
+                   help="address the metrics endpoint listens on (default: %(default)s)")
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error"])
     return p
@@ -134,6 +141,8 @@ def parse_args(argv: list[str] | None) -> Options:
                             reserve_bytes=args.reserve)
     except (ValueError, InvalidArgument) as e:
         p.error(str(e))
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        p.error("--metrics-port must be between 0 and 65535")
     if not args.nodeid:
         p.error("--nodeid must not be empty")
     if not DRIVERNAME.match(args.drivername):
@@ -141,7 +150,8 @@ def parse_args(argv: list[str] | None) -> Options:
                 "characters: letters, digits, '-' and '.', a letter or digit at both ends)")
     return Options(endpoint=args.endpoint, pool_root=args.pool or default_root(),
                    nodeid=args.nodeid, drivername=args.drivername, config=config,
-                   log_level=args.log_level)
+                   log_level=args.log_level, metrics_address=args.metrics_address,
+                   metrics_port=args.metrics_port)
 
 
 # -- logging interceptor -----------------------------------------------------
@@ -160,16 +170,26 @@ def _subject(request: Any) -> str:
     return " ".join(parts)
 
 
+RpcObserver = Callable[[str, str, float], None]
+
+
 class LoggingInterceptor(grpc.ServerInterceptor):
     """One log line per RPC: method, the IDs or name it works on, the status
-    code and the duration in milliseconds."""
+    code and the duration in milliseconds; and the same facts to
+    ``observer(method, code, seconds)`` (the metrics) when one is given."""
+
+    def __init__(self, observer: RpcObserver | None = None) -> None:
+        self._observer = observer
 
     def _log(self, rpc: str, request: Any, context: grpc.ServicerContext, start: float,
              failed: bool) -> None:
         code = context.code()  # type: ignore[attr-defined]
         if code is None:
             code = grpc.StatusCode.INTERNAL if failed else grpc.StatusCode.OK
-        ms = (time.monotonic() - start) * 1000
+        seconds = time.monotonic() - start
+        ms = seconds * 1000
+        if self._observer is not None:
+            self._observer(rpc.rsplit("/", 1)[-1], code.name, seconds)
         level = logging.DEBUG if rpc.rsplit("/", 1)[-1] in QUIET_RPCS else logging.INFO
         if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
             level = logging.ERROR
@@ -272,6 +292,7 @@ class DriverServer:
         self.endpoint = parse_endpoint(options.endpoint)
         self.pool: Pool | None = None
         self.maintainer: Maintainer | None = None
+        self.metrics: Metrics | None = None
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer()
         self._socket_inode: int | None = None
@@ -292,9 +313,14 @@ class DriverServer:
         # Work left from before a restart (deletions whose layers were not
         # reclaimed yet) is picked up now rather than at the first interval.
         self.maintainer.wake()
+        observer: RpcObserver | None = None
+        if o.metrics_port is not None:
+            self.metrics = Metrics(self.pool, self.maintainer.stats)
+            self.metrics.serve(o.metrics_address, o.metrics_port)
+            observer = self.metrics.observe_rpc
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"),
-            interceptors=[LoggingInterceptor(), ErrorInterceptor()],
+            interceptors=[LoggingInterceptor(observer), ErrorInterceptor()],
             # Two drivers on one TCP port must fail, not share the traffic.
             options=[("grpc.so_reuseport", 0)])
         self.server = server
@@ -324,6 +350,9 @@ class DriverServer:
         if self.server is not None:
             self.server.stop(GRACE_SECONDS).wait()
             self.server = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.maintainer is not None:
             self.maintainer.stop()
             self.maintainer = None

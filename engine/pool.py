@@ -99,8 +99,8 @@ class Pool:
         self._lock = lock
         self._crash_hook = crash_hook
         self.locks = KeyedLock()
-        self._changed = threading.Event()
         self._listeners: list[Callable[[], None]] = []
+        self._observers: list[Callable[[str, float], None]] = []
 
     # -- life cycle ------------------------------------------------------
 
@@ -134,6 +134,15 @@ class Pool:
         """Call ``listener`` after every change that may create work for the
         maintainer (a deletion, a deeper chain)."""
         self._listeners.append(listener)
+
+    def add_observer(self, observer: Callable[[str, float], None]) -> None:
+        """Call ``observer(event, seconds)`` with the duration of timed
+        steps; today ``"cut"``: a snapshot's or clone's cut, intent to commit."""
+        self._observers.append(observer)
+
+    def _observe(self, event: str, seconds: float) -> None:
+        for observer in self._observers:
+            observer(event, seconds)
 
     def _notify(self) -> None:
         for listener in self._listeners:
@@ -362,6 +371,7 @@ class Pool:
     def _clone(self, name: str, size: int, origin: Volume, params: dict[str, str],
                capabilities: str) -> Volume:
         self._require_closed(origin)
+        started = time.monotonic()
         now = _now_ns()
         origin_top = new_id("l")
         clone_top = new_id("l")
@@ -378,6 +388,7 @@ class Pool:
         self._crash_point("clone:after-clone-file")
         with self.catalog.transaction() as tx:
             self._apply_clone(tx, intent, body)
+        self._observe("cut", time.monotonic() - started)
         log.info("volume %s: cloned from volume %s at layer %s", volume.id, origin.id,
                  origin.top_layer)
         self._crash_point("clone:after-commit")
@@ -488,6 +499,7 @@ class Pool:
             return self._cut(name, volume, params)
 
     def _cut(self, name: str, volume: Volume, params: dict[str, str]) -> Snapshot:
+        started = time.monotonic()
         now = _now_ns()
         new_top = new_id("l")
         snapshot = Snapshot(id=new_id("s"), name=name, source_volume_id=volume.id,
@@ -499,6 +511,7 @@ class Pool:
         self._crash_point("snapshot:after-file")
         with self.catalog.transaction() as tx:
             deeper = self._apply_snapshot(tx, intent, body)
+        self._observe("cut", time.monotonic() - started)
         log.info("snapshot %s: cut %s of volume %s at layer %s", snapshot.id, name, volume.id,
                  volume.top_layer)
         self._crash_point("snapshot:after-commit")
