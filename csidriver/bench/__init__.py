@@ -191,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Results()
     stop = threading.Event()
     started = dt.datetime.now(dt.timezone.utc)
+    machine = machine_info()
     t0 = time.monotonic()
     interrupted, crashed, status = False, False, 0
     cleanups: dict[str, CleanupReport] = {}
@@ -231,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = build_document(results=results, meta={
         "tool": "qsnap bench", "started": started.isoformat(timespec="seconds"),
         "duration_seconds": time.monotonic() - t0, "command": ["qsnap", "bench", *arguments],
-        "machine": machine_info(), "drivers": drivers, "config": config.as_dict(),
+        "machine": {**machine, "load_average_at_end": list(os.getloadavg())}, "drivers": drivers, "config": config.as_dict(),
         "run_id": run_id, "interrupted": interrupted, "failed": crashed,
         "cleanup": {ep.label: {**cleanups[ep.label].as_dict(), **_created(ep)}
                     for ep in endpoints}})

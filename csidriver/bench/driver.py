@@ -519,7 +519,9 @@ def machine_info() -> dict[str, Any]:
     """Where the numbers were measured."""
     uname = os.uname()
     info: dict[str, Any] = {"hostname": uname.nodename, "kernel": uname.release,
-                            "machine": uname.machine, "cpus": os.cpu_count()}
+                            "machine": uname.machine, "cpus": os.cpu_count(),
+                            # Other work on the machine skews latencies: say how much there was.
+                            "load_average": list(os.getloadavg())}
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -35,6 +35,10 @@ code, pre { background: #f6f6f6; padding: 1px 4px; } pre { padding: 8px; overflo
 MAIN_OPS = ("CreateSnapshot", "restore", "clone", "CreateVolume", "DeleteSnapshot", "DeleteVolume")
 
 
+def _load(values: Any) -> str:
+    return " ".join(f"{v:.2f}" for v in values) if values else "?"
+
+
 def _ms(seconds: float) -> str:
     return format_seconds(seconds)
 
@@ -190,7 +194,9 @@ def render_html(doc: dict[str, Any]) -> str:
              f"on <b>{escape(str(machine.get('hostname', '?')))}</b>: "
              f"{machine.get('cpus', '?')} CPUs ({escape(str(machine.get('cpu_model', '')))}), "
              f"{format_size(int(machine.get('memory_bytes', 0)))} RAM, "
-             f"kernel {escape(str(machine.get('kernel', '')))}.")
+             f"kernel {escape(str(machine.get('kernel', '')))}; load average "
+             f"{_load(machine.get('load_average'))} at the start, "
+             f"{_load(machine.get('load_average_at_end'))} at the end.")
     if doc.get("interrupted"):
         h.append(" <b class=\"missed\">The run was interrupted: the figures are partial.</b>")
     h.append("</p>")
