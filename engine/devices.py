@@ -5,7 +5,7 @@ FUSE export), turns it into a block device with a loop device, makes a
 filesystem on it when it is blank, mounts it at the CSI staging path and
 bind-mounts it to publish targets.  Every host-side step of that goes
 through :class:`Devices`: ``losetup``, ``blkid``/``wipefs``, ``mkfs.ext4``/
-``mkfs.xfs``, ``mount``/``umount``, ``fsfreeze``, ``resize2fs``/
+``mkfs.xfs``, ``mount``/``umount``, ``fsfreeze``, ``resize2fs``/``e2fsck``/
 ``xfs_growfs`` and ``blockdev``, plus ``os.statvfs`` and the parsing of
 ``/proc/self/mountinfo``.  :func:`detect_transports` says which ways of
 exposing a volume as a block device this kernel offers.
@@ -60,7 +60,7 @@ _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _PACKAGES = {
     "losetup": "util-linux", "blkid": "util-linux", "wipefs": "util-linux",
     "mount": "mount", "umount": "mount", "fsfreeze": "util-linux", "blockdev": "util-linux",
-    "mkfs.ext4": "e2fsprogs", "resize2fs": "e2fsprogs",
+    "mkfs.ext4": "e2fsprogs", "resize2fs": "e2fsprogs", "e2fsck": "e2fsprogs",
     "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
 }
 
@@ -84,6 +84,9 @@ _FORBIDDEN_FLAGS = frozenset({
 _BLANK_PROBE = 1 << 20
 
 _DELETED = " (deleted)"
+
+# capability(7) number; the resize ioctl of ext4 checks it.
+_CAP_SYS_RESOURCE = 24
 
 
 class DeviceError(ImageError):
@@ -534,34 +537,72 @@ class Devices:
         if found:
             raise NotBlank(device, found)
         if fs_type == "ext4":
-            self._run("mkfs.ext4", ["-q", "-E", "nodiscard", device],
+            # 4 KiB blocks whatever the size: under 512 MiB mke2fs would pick
+            # 1 KiB blocks, four times the block I/O through FUSE for a
+            # volume that may be grown far beyond its first size.
+            self._run("mkfs.ext4", ["-q", "-b", "4096", "-E", "nodiscard", device],
                       what=f"make an ext4 filesystem on {device}")
         else:
             self._run("mkfs.xfs", ["-q", "-K", device],
                       what=f"make an xfs filesystem on {device}")
         log.info("made %s on %s", fs_type, device)
 
-    def grow_filesystem(self, device: str, mountpoint: Path, fs_type: str) -> None:
-        """Grow the mounted filesystem on ``device`` to the device's size,
-        online: ``resize2fs`` on the device for ext4, ``xfs_growfs`` on the
-        mountpoint for xfs.  Growing to the size it already has is a no-op.
+    def grow_filesystem(self, device: str, mountpoint: Path | None, fs_type: str) -> None:
+        """Grow the filesystem on ``device`` to the device's size.  Growing
+        to the size it already has is a no-op.
+
+        Mounted (``mountpoint`` given), the grow is online: ``resize2fs`` on
+        the device for ext4, ``xfs_growfs`` on the mountpoint for xfs.
+        Online ext4 growth needs ``CAP_SYS_RESOURCE`` (the kernel checks it
+        in the resize ioctl); a process without it gets a
+        :class:`DeviceError` that says so.  Unmounted (``mountpoint`` None),
+        only ext4 can grow: ``e2fsck -f -p`` (which resize2fs insists on
+        after a mount) and then ``resize2fs``.
 
         :raises InvalidArgument: ``fs_type`` is not ext4 or xfs.
-        :raises FailedPrecondition: ``mountpoint`` is not a mount of ``device``.
+        :raises FailedPrecondition: ``mountpoint`` is not a mount of
+            ``device`` with that type; or, unmounted, the device is mounted
+            somewhere after all, or the filesystem is xfs.
         :raises PoolFull: the backing store ran out of space.
-        :raises DeviceError: the resize tool failed.
+        :raises DeviceError: the check or resize tool failed.
         """
         _check_fs_type(fs_type)
+        if mountpoint is None:
+            self._grow_unmounted(device, fs_type)
+            return
         info = self.mount_info(mountpoint)
         if info is None or not self._is_device_of(device, info):
             raise FailedPrecondition(f"{mountpoint} is not a mount of {device}")
         if info.fs_type != fs_type:
             raise FailedPrecondition(f"{mountpoint} holds {info.fs_type}, not {fs_type}")
-        if fs_type == "ext4":
-            self._run("resize2fs", [device], what=f"grow the filesystem on {device}")
+        what = f"grow the filesystem on {device}"
+        if fs_type == "xfs":
+            self._run("xfs_growfs", [info.mount_point], what=what)
         else:
-            self._run("xfs_growfs", [info.mount_point], what=f"grow the filesystem on {device}")
-        log.info("grew %s on %s", fs_type, device)
+            try:
+                self._run("resize2fs", [device], what=what)
+            except DeviceError as e:
+                if "permission denied" in e.stderr.lower() and not _has_capability(_CAP_SYS_RESOURCE):
+                    raise DeviceError(
+                        f"{what}: online ext4 resize needs CAP_SYS_RESOURCE, which this process "
+                        "lacks; grant it to the node plugin or grow the filesystem unmounted",
+                        command=e.command, stderr=e.stderr, returncode=e.returncode) from e
+                raise
+        log.info("grew %s on %s (online at %s)", fs_type, device, info.mount_point)
+
+    def _grow_unmounted(self, device: str, fs_type: str) -> None:
+        self._require_block_device(device)
+        if fs_type == "xfs":
+            raise FailedPrecondition(f"xfs on {device} can only grow while mounted")
+        # e2fsck on a mounted filesystem would corrupt it.
+        mounted = [m.mount_point for m in self.mounts() if self._is_device_of(device, m)]
+        if mounted:
+            raise FailedPrecondition(f"{device} is mounted at {', '.join(mounted)}")
+        # e2fsck -p: 0 = clean, 1 = errors fixed; anything else needs an operator.
+        self._run("e2fsck", ["-f", "-p", device], what=f"check the filesystem on {device}",
+                  ok=(0, 1))
+        self._run("resize2fs", [device], what=f"grow the filesystem on {device}")
+        log.info("grew %s on %s (unmounted)", fs_type, device)
 
     # -- mounts ----------------------------------------------------------
 
@@ -623,7 +664,8 @@ class Devices:
         :raises InvalidArgument: a bad flag or ``fs_type``.
         :raises NotFound: the device or the target does not exist.
         :raises FailedPrecondition: ``target`` is a mountpoint of something
-            else or with another read-only state.
+            else or with another read-only state; or a read-write mount of a
+            read-only device was asked for.
         :raises DeviceError: mount failed (a wrong option for the filesystem
             also ends here: the kernel does not say which one).
         """
@@ -643,11 +685,19 @@ class Devices:
             options.append("nouuid")
         if read_only:
             options.insert(0, "ro")
-        args = ["-t", fs_type]
+        # --read-write: without it mount(8) quietly falls back to a
+        # read-only mount on a write-protected device.
+        args = ["-t", fs_type] + ([] if read_only else ["--read-write"])
         if options:
             args += ["-o", ",".join(options)]
         args += ["--source", device, "--target", str(target)]
-        self._run("mount", args, what=f"mount {device} at {target}")
+        try:
+            self._run("mount", args, what=f"mount {device} at {target}")
+        except DeviceError as e:
+            if "write-protected" in e.stderr:
+                raise FailedPrecondition(f"{device} is read-only; it cannot be mounted "
+                                         "read-write") from e
+            raise
         log.info("mounted %s (%s) at %s with %s", device, fs_type, target, options)
 
     def bind_mount(self, source: Path, target: Path, *, read_only: bool) -> None:
@@ -659,6 +709,11 @@ class Devices:
         fails the bind is undone rather than left writable.  Idempotent: a
         target that is already a mount of ``source`` with the same
         read-only state is left as it is.
+
+        A read-only bind of a *device node* does not make the device
+        read-only: the kernel lets a device node on a read-only mount be
+        opened and written.  Read-only block access needs a read-only loop
+        device (:meth:`attach_loop` with ``read_only``).
 
         :raises NotFound: ``source`` or ``target`` does not exist.
         :raises FailedPrecondition: ``target`` is a mountpoint of something
@@ -930,6 +985,17 @@ def _same_inode(a: Path, b: Path) -> bool:
     except OSError:
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _has_capability(number: int) -> bool:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return True   # cannot tell: let the tool's own message stand
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> number & 1)
+    return True
 
 
 def _check_fs_type(fs_type: str) -> None:
