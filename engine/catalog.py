@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import Busy, CatalogCorrupt, PoolFull
-from engine.model import Layer, Owner, Snapshot, SnapshotSource, Volume, VolumeSource
+from engine.model import (Layer, Owner, Publication, Snapshot, SnapshotSource, Staging, Volume,
+                          VolumeSource)
 
 SCHEMA_VERSION = 1
 
@@ -81,6 +82,23 @@ CREATE TABLE IF NOT EXISTS intent_layers (
     PRIMARY KEY (intent_id, layer)
 );
 CREATE INDEX IF NOT EXISTS intent_layers_layer ON intent_layers(layer);
+CREATE TABLE IF NOT EXISTS stagings (
+    volume_id    TEXT PRIMARY KEY REFERENCES volumes(id),
+    staging_path TEXT NOT NULL,
+    access       TEXT NOT NULL,        -- 'block' or 'mount'
+    fs_type      TEXT NOT NULL DEFAULT '',
+    mount_flags  TEXT NOT NULL DEFAULT '[]',
+    read_only    INTEGER NOT NULL DEFAULT 0,
+    export_path  TEXT NOT NULL,
+    device       TEXT NOT NULL DEFAULT '',
+    state        TEXT NOT NULL         -- 'staging', 'staged' or 'unstaging'
+);
+CREATE TABLE IF NOT EXISTS publications (
+    volume_id   TEXT NOT NULL REFERENCES stagings(volume_id),
+    target_path TEXT NOT NULL,
+    read_only   INTEGER NOT NULL,
+    PRIMARY KEY (volume_id, target_path)
+);
 """
 
 # A layer is garbage when nothing refers to it: no volume has it as top, no
@@ -312,6 +330,41 @@ class Tx:
         row = self.one("SELECT COALESCE(SUM(size), 0) FROM volumes")
         return int(row[0]) if row else 0
 
+    def set_owner(self, volume_id: str, owner: Owner) -> None:
+        self.run("UPDATE volumes SET owner = ? WHERE id = ?", (owner.value, volume_id))
+
+    # -- node: stagings and publications ------------------------------------
+
+    def staging(self, volume_id: str) -> Staging | None:
+        row = self.one("SELECT * FROM stagings WHERE volume_id = ?", (volume_id,))
+        return _staging(row) if row else None
+
+    def stagings(self) -> list[Staging]:
+        return [_staging(r) for r in self.all("SELECT * FROM stagings ORDER BY volume_id")]
+
+    def put_staging(self, s: Staging) -> None:
+        self.run("INSERT OR REPLACE INTO stagings(volume_id, staging_path, access, fs_type,"
+                 " mount_flags, read_only, export_path, device, state)"
+                 " VALUES (?,?,?,?,?,?,?,?,?)",
+                 (s.volume_id, s.staging_path, s.access, s.fs_type, json.dumps(list(s.mount_flags)),
+                  int(s.read_only), s.export_path, s.device, s.state))
+
+    def drop_staging(self, volume_id: str) -> None:
+        self.run("DELETE FROM stagings WHERE volume_id = ?", (volume_id,))
+
+    def publications(self, volume_id: str) -> list[Publication]:
+        return [Publication(r["volume_id"], r["target_path"], bool(r["read_only"]))
+                for r in self.all("SELECT * FROM publications WHERE volume_id = ?"
+                                  " ORDER BY target_path", (volume_id,))]
+
+    def put_publication(self, p: Publication) -> None:
+        self.run("INSERT OR REPLACE INTO publications(volume_id, target_path, read_only)"
+                 " VALUES (?, ?, ?)", (p.volume_id, p.target_path, int(p.read_only)))
+
+    def drop_publication(self, volume_id: str, target_path: str) -> None:
+        self.run("DELETE FROM publications WHERE volume_id = ? AND target_path = ?",
+                 (volume_id, target_path))
+
     # -- snapshots -------------------------------------------------------
 
     def add_snapshot(self, s: Snapshot) -> None:
@@ -403,6 +456,14 @@ def _volume(row: sqlite3.Row) -> Volume:
                   created_ns=int(row["created_ns"]), top_layer=row["top"],
                   owner=Owner(row["owner"]), source=source,
                   parameters=json.loads(row["parameters"]), capabilities=row["capabilities"])
+
+
+def _staging(row: sqlite3.Row) -> Staging:
+    return Staging(volume_id=row["volume_id"], staging_path=row["staging_path"],
+                   access=row["access"], fs_type=row["fs_type"],
+                   mount_flags=tuple(json.loads(row["mount_flags"])),
+                   read_only=bool(row["read_only"]), export_path=row["export_path"],
+                   device=row["device"], state=row["state"])
 
 
 def _snapshot(row: sqlite3.Row) -> Snapshot:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -95,3 +95,53 @@ class Capacity:
     used_bytes: int            # bytes the pool's layer files occupy
     maximum_volume_size: int
     provisioned_bytes: int     # sum of volume virtual sizes
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A volume the node serves: where it is staged and how it is exposed.
+
+    ``state`` is "staging" until every step of staging is done, "staged"
+    after, and "unstaging" while it is being taken down; a restarted node
+    finishes whichever it finds.
+    """
+
+    volume_id: str
+    staging_path: str
+    access: str                # "block" or "mount"
+    fs_type: str
+    mount_flags: tuple[str, ...]
+    read_only: bool
+    export_path: str           # the FUSE export file of qemu-storage-daemon
+    device: str                # the loop device on the export ("" until attached)
+    state: str
+
+
+@dataclass(frozen=True)
+class Publication:
+    volume_id: str
+    target_path: str
+    read_only: bool
+
+
+class TopOwner(Protocol):
+    """Changes the top layer of volumes that a process other than qsnap has
+    open: the only way such a layer may change (``Pool.attach_owner``)."""
+
+    def switch(self, cuts: list[tuple[Volume, str]], *, freeze: bool) -> tuple[str, ...]:
+        """Make each new layer (already written, backed by the volume's
+        current top) the volume's top in the owning process, atomically
+        across all of them.  ``freeze``: quiesce the volumes' filesystems
+        around the switch.
+
+        :returns: indications describing how the cut was taken.
+        :raises EngineError: the switch did not happen (nothing changed).
+        """
+        ...
+
+    def resize(self, volume: Volume, size_bytes: int) -> None:
+        """Grow the volume's top in the owning process.
+
+        :raises EngineError: the resize failed.
+        """
+        ...

@@ -34,7 +34,7 @@ from engine.errors import (AlreadyExists, Busy, CatalogCorrupt, InUse, InvalidAr
 from engine.layout import Layout, PoolLock, new_id
 from engine.locks import KeyedLock
 from engine.model import (Capacity, ContentSource, Layer, LayerInfo, Owner, Page, Snapshot,
-                          SnapshotSource, Volume, VolumeSource)
+                          SnapshotSource, TopOwner, Volume, VolumeSource)
 from engine.qemu_img import QemuImg
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 CrashHook = Callable[[str], None]
 
 VOLUME_PARAMETERS: frozenset[str] = frozenset()
-SNAPSHOT_PARAMETERS: frozenset[str] = frozenset()
+# "true": freeze the staged filesystem (fsfreeze) around the cut of a served
+# volume, for filesystem-consistent snapshots of non-VM workloads.
+FSFREEZE = "qsnap.csi.dev/fsfreeze"
+SNAPSHOT_PARAMETERS: frozenset[str] = frozenset({FSFREEZE})
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Pool:
         self.locks = KeyedLock()
         self._listeners: list[Callable[[], None]] = []
         self._observers: list[Callable[[str, float], None]] = []
+        self._owners: dict[Owner, TopOwner] = {}
 
     # -- life cycle ------------------------------------------------------
 
@@ -134,6 +138,11 @@ class Pool:
         """Call ``listener`` after every change that may create work for the
         maintainer (a deletion, a deeper chain)."""
         self._listeners.append(listener)
+
+    def attach_owner(self, owner: Owner, handler: TopOwner) -> None:
+        """Route cuts and resizes of volumes owned by ``owner`` through
+        ``handler`` (the node's qemu-storage-daemon, a libvirt domain)."""
+        self._owners[owner] = handler
 
     def add_observer(self, observer: Callable[[str, float], None]) -> None:
         """Call ``observer(event, seconds)`` with the duration of timed
@@ -370,7 +379,7 @@ class Pool:
 
     def _clone(self, name: str, size: int, origin: Volume, params: dict[str, str],
                capabilities: str) -> Volume:
-        self._require_closed(origin)
+        handler = self._handler(origin)
         started = time.monotonic()
         now = _now_ns()
         origin_top = new_id("l")
@@ -386,6 +395,8 @@ class Pool:
         self._crash_point("clone:after-origin-file")
         self._make_layer(clone_top, size, origin.top_layer)
         self._crash_point("clone:after-clone-file")
+        if handler is not None:
+            self._switch(handler, intent, [(origin, origin_top)], freeze=False)
         with self.catalog.transaction() as tx:
             self._apply_clone(tx, intent, body)
         self._observe("cut", time.monotonic() - started)
@@ -448,12 +459,15 @@ class Pool:
             size = validate.round_size(required_bytes, limit_bytes, floor=volume.size_bytes)
             if size == volume.size_bytes:
                 return volume
-            self._require_closed(volume)
+            handler = self._handler(volume)
             self._check_room(size - volume.size_bytes)
             body = {"volume": volume.id, "layer": volume.top_layer,
                     "old_size": volume.size_bytes, "new_size": size}
             intent = self._begin("expand", body, pins=(volume.top_layer,))
-            self.qemu_img.resize(self.layout.layer_path(volume.top_layer), size)
+            if handler is not None:
+                handler.resize(volume, size)
+            else:
+                self.qemu_img.resize(self.layout.layer_path(volume.top_layer), size)
             self._crash_point("expand:after-file")
             with self.catalog.transaction() as tx:
                 self._apply_expand(tx, intent, body)
@@ -494,30 +508,37 @@ class Pool:
                                         f"volume {existing.source_volume_id} with other arguments")
                 return existing
             volume = self.get_volume(source_volume_id)
-            self._require_closed(volume)
+            freeze = _flag(params, FSFREEZE)
             self._check_room(0)
-            return self._cut(name, volume, params)
+            return self._cut(name, volume, params, freeze=freeze)
 
-    def _cut(self, name: str, volume: Volume, params: dict[str, str]) -> Snapshot:
+    def _cut(self, name: str, volume: Volume, params: dict[str, str], *, freeze: bool) -> Snapshot:
+        handler = self._handler(volume)
         started = time.monotonic()
         now = _now_ns()
         new_top = new_id("l")
+        # How the cut is taken; an owner's switch may add detail.  Recorded in
+        # the intent so that a recovered snapshot says it too.
+        taken = ("Offline",) if handler is None else ("Online",)
         snapshot = Snapshot(id=new_id("s"), name=name, source_volume_id=volume.id,
                             size_bytes=volume.size_bytes, created_ns=now,
-                            layer=volume.top_layer, parameters=params)
+                            layer=volume.top_layer, parameters=params, indications=taken)
         body = {"snapshot": _snapshot_body(snapshot), "new_top": new_top}
         intent = self._begin("snapshot", body, new=(new_top,), pins=(volume.top_layer,))
         self._make_layer(new_top, volume.size_bytes, volume.top_layer)
         self._crash_point("snapshot:after-file")
+        if handler is not None:
+            body["snapshot"]["indications"] = list(
+                self._switch(handler, intent, [(volume, new_top)], freeze=freeze))
         with self.catalog.transaction() as tx:
             deeper = self._apply_snapshot(tx, intent, body)
         self._observe("cut", time.monotonic() - started)
-        log.info("snapshot %s: cut %s of volume %s at layer %s", snapshot.id, name, volume.id,
-                 volume.top_layer)
+        log.info("snapshot %s: cut %s of volume %s at layer %s (%s)", snapshot.id, name, volume.id,
+                 volume.top_layer, ", ".join(body["snapshot"]["indications"]))
         self._crash_point("snapshot:after-commit")
         if deeper:
             self._notify()
-        return snapshot
+        return replace(snapshot, indications=tuple(body["snapshot"]["indications"]))
 
     def _apply_snapshot(self, tx: Tx, intent: int, body: dict[str, Any]) -> bool:
         snapshot = _snapshot_from_body(body["snapshot"])
@@ -551,6 +572,37 @@ class Pool:
         self._notify()
 
     # -- shared steps ----------------------------------------------------
+
+    def _handler(self, volume: Volume) -> TopOwner | None:
+        """Who must change the volume's top: None when qsnap may itself.
+
+        :raises InUse: the volume is open by an owner this process has no
+            way to reach.
+        """
+        if volume.owner is Owner.CLOSED:
+            return None
+        handler = self._owners.get(volume.owner)
+        if handler is None:
+            raise InUse(f"volume {volume.id} is open ({volume.owner.value}) and this driver "
+                        "has no connection to its owner")
+        return handler
+
+    def _switch(self, handler: TopOwner, intent: int, cuts: list[tuple[Volume, str]], *,
+                freeze: bool) -> tuple[str, ...]:
+        """Switch tops through the owner; on failure undo the intent's files
+        (the owner has not switched, so nothing refers to them) and re-raise."""
+        try:
+            indications = handler.switch(cuts, freeze=freeze)
+        except BaseException:
+            with self.catalog.reading() as tx:
+                made = [r["layer"] for r in tx.all(
+                    "SELECT layer FROM intent_layers WHERE intent_id = ? AND role = 'new'",
+                    (intent,))]
+            for layer in made:
+                self.layout.unlink(layer)
+            self._drop_intent(intent)
+            raise
+        return indications
 
     def _require_closed(self, volume: Volume) -> None:
         if volume.owner is not Owner.CLOSED:
@@ -662,6 +714,17 @@ def _subject(intent: Intent) -> str:
     return ", ".join(f"{k}={v}" for k, v in body.items())
 
 
+def _flag(params: dict[str, str], key: str) -> bool:
+    """A boolean parameter: "true" or "false" (absent: false).
+
+    :raises InvalidArgument: any other value.
+    """
+    value = params.get(key, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidArgument(f"parameter {key} must be \"true\" or \"false\", not {value!r}")
+    return value == "true"
+
+
 # -- idempotency -------------------------------------------------------------
 
 def _same_volume(existing: Volume, required: int, limit: int, source: ContentSource | None,
@@ -731,9 +794,11 @@ def _volume_from_body(b: dict[str, Any]) -> Volume:
 
 def _snapshot_body(s: Snapshot) -> dict[str, Any]:
     return {"id": s.id, "name": s.name, "source": s.source_volume_id, "size": s.size_bytes,
-            "created_ns": s.created_ns, "layer": s.layer, "parameters": s.parameters}
+            "created_ns": s.created_ns, "layer": s.layer, "parameters": s.parameters,
+            "indications": list(s.indications)}
 
 
 def _snapshot_from_body(b: dict[str, Any]) -> Snapshot:
     return Snapshot(id=b["id"], name=b["name"], source_volume_id=b["source"], size_bytes=b["size"],
-                    created_ns=b["created_ns"], layer=b["layer"], parameters=b["parameters"])
+                    created_ns=b["created_ns"], layer=b["layer"], parameters=b["parameters"],
+                    indications=tuple(b.get("indications", ())))
