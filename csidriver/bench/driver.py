@@ -341,13 +341,16 @@ class Endpoint:
             if not token:
                 return count, pages, time.perf_counter() - start
 
-    def settle(self, pause: float, *, limit: float = 60.0) -> float:
+    def settle(self, pause: float, *, limit: float = 900.0,
+               report: Callable[[str], None] | None = None) -> float:
         """Wait for the driver's background work after a bulk deletion, so
         the next measurement does not pay for the previous scenario's
         cleanup.  qsnap says when its reclaimer is done (PoolStatus: no
         garbage layers, no pending intents); other drivers get ``pause``
-        seconds.
+        seconds.  Reclaiming the 10 000-snapshot population takes qsnap
+        minutes, hence the generous ``limit``.
 
+        :param report: told how much work is left, now and then.
         :returns: seconds waited.
         """
         start = time.perf_counter()
@@ -358,7 +361,9 @@ class Endpoint:
             status = self.inspect.PoolStatus(qsnap_pb2.PoolStatusRequest(), timeout=self.timeout)
             if status.garbage_layers == 0 and status.pending_intents == 0:
                 break
-            time.sleep(0.05)
+            if report is not None:
+                report(f"{status.layers} layers, {status.garbage_layers} to reclaim now")
+            time.sleep(0.1)
         return time.perf_counter() - start
 
     # -- node --------------------------------------------------------------

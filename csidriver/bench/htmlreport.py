@@ -237,6 +237,11 @@ def render_html(doc: dict[str, Any]) -> str:
         h.append("<h2>ListSnapshots</h2><p>Time to list every snapshot following "
                  f"<code>next_token</code>, page size {doc.get('config', {}).get('page_size')}.</p>")
         h.append(f"<div class=\"charts\">{chart_list(doc)}</div>")
+        h.append(_table(["driver", "snapshots", "listed", "pages", "made for this count",
+                         "seconds to make them"],
+                        [[x["driver"], str(x["count"]), str(x["listed"]), str(x["pages"]),
+                          str(x["added"]), f"{x['add_seconds']:.1f}"] for x in doc["listings"]],
+                        numeric={1, 2, 3, 4, 5}))
     if doc.get("throughput"):
         h.append("<h2>Throughput vs concurrency</h2><p>N callers, each snapshotting its own "
                  "volume, started together.</p><div class=\"charts\">"

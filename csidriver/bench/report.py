@@ -285,6 +285,11 @@ def render_text(doc: dict[str, Any]) -> str:
                    f"(sha256 at snapshot {v['snapshot_digest'][:12]}, restored "
                    f"{v['restored_digest'][:12]}; source changed after the cut: "
                    f"{'yes' if v['source_head_digest'] != v['restored_head_digest'] else 'NO'})")
+    for x in doc["listings"]:
+        rate = f", {x['added'] / x['add_seconds']:.0f}/s" if x["add_seconds"] > 0 else ""
+        out.append(f"list {x['driver']} {x['count']}: {x['listed']} snapshots listed in "
+                   f"{x['pages']} pages; making {x['added']} of them took "
+                   f"{x['add_seconds']:.1f} s (with their volumes{rate})")
     for f in doc["fills"]:
         rate = f["bytes_per_second"] / (1 << 20)
         out.append(f"fill {f['driver']} {format_size(f['size_bytes'])}: {f['seconds']:.1f} s "

@@ -87,12 +87,16 @@ class FillRecord:
 
 @dataclass(frozen=True)
 class Listing:
-    """One full ListSnapshots walk: how many entries, over how many pages."""
+    """One full ListSnapshots walk: how many entries, over how many pages;
+    and how long making the snapshots added for this count took (volumes
+    included, ``workers`` calls in parallel)."""
 
     driver: str
     count: int
     listed: int
     pages: int
+    added: int
+    add_seconds: float
 
 
 @dataclass(frozen=True)

@@ -191,9 +191,11 @@ class Runner:
 
     def _settle(self) -> None:
         for side in self.sides:
-            self.progress.phase(f"{side.label}: waiting for background work to finish")
+            text = f"{side.label}: waiting for the driver's background work"
+            self.progress.phase(text)
             try:
-                side.endpoint.settle(self.config.settle)
+                side.endpoint.settle(self.config.settle,
+                                     report=lambda left: self.progress.phase(f"{text}: {left}"))
             except grpc.RpcError:
                 pass  # settling is a courtesy; the next RPC reports a dead driver
 
@@ -340,13 +342,16 @@ class Runner:
     def run_list(self) -> None:
         cfg = self.config
         made = {side.label: 0 for side in self.sides}
+        grown: dict[str, tuple[int, float]] = {}
         for count in sorted(set(cfg.list_counts)):
             for side in self.sides:
                 if not self._ok(side, "list"):
                     continue
                 self.progress.phase(f"list: {side.label}: making {count} snapshots")
                 with self._guard(side, "list", f"making {count} snapshots"):
+                    start = time.perf_counter()
                     self._grow(side, count - made[side.label])
+                    grown[side.label] = (count - made[side.label], time.perf_counter() - start)
                     made[side.label] = count
             for repeat in range(cfg.list_repeats):
                 for side in self.sides:
@@ -358,8 +363,9 @@ class Runner:
                         listed, pages, seconds = side.endpoint.list_snapshots(cfg.page_size)
                         self._sample(side, "list", "ListSnapshots", seconds, count=count)
                         if repeat == 0:
-                            self.results.record("listings", Listing(side.label, count, listed,
-                                                                    pages))
+                            added, seconds = grown.get(side.label, (0, 0.0))
+                            self.results.record("listings", Listing(
+                                side.label, count, listed, pages, added, seconds))
         self._tidy("list")
 
     def _grow(self, side: Side, snapshots: int) -> None:
