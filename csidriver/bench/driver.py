@@ -357,13 +357,18 @@ class Endpoint:
         if self.info is None or not self.info.qsnap:
             time.sleep(pause)
             return time.perf_counter() - start
+        quiet = 0
         while time.perf_counter() - start < limit:
             status = self.inspect.PoolStatus(qsnap_pb2.PoolStatusRequest(), timeout=self.timeout)
-            if status.garbage_layers == 0 and status.pending_intents == 0:
+            # Quiet twice in a row: the maintainer is woken by a change and
+            # records an intent only once it starts a merge, so one quiet
+            # look right after a deletion can come before it got going.
+            quiet = quiet + 1 if status.garbage_layers == 0 and status.pending_intents == 0 else 0
+            if quiet == 2:
                 break
-            if report is not None:
+            if report is not None and not quiet:
                 report(f"{status.layers} layers, {status.garbage_layers} to reclaim now")
-            time.sleep(0.1)
+            time.sleep(0.03)
         return time.perf_counter() - start
 
     # -- node --------------------------------------------------------------
