@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
-from csidriver.errors import unimplemented
+from csidriver.errors import RpcError, unimplemented
 from csidriver.pb import csi_pb2, csi_pb2_grpc
 from engine import pool as engine_pool
 from engine import validate
@@ -68,6 +68,9 @@ SUPPORTED_MODES: frozenset[int] = frozenset({
 })
 # "" lets the node pick its default filesystem.
 FS_TYPES: tuple[str, ...] = ("", "ext4", "xfs")
+# The topology segment of a node: a volume lives in one node's pool, so it is
+# accessible from exactly that node (NodeGetInfo reports the same segment).
+TOPOLOGY_KEY = "topology.qsnap.csi.dev/node"
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         # Small and stable: the same for every call on every volume of this
         # node, so a repeated CreateVolume returns an identical Volume.
         self.volume_context = {f"{drivername}/node": nodeid}
+        self.nodeid = nodeid
+        self.topology = csi_pb2.Topology(segments={TOPOLOGY_KEY: nodeid})
         self._ops = KeyedLock()
 
     # -- shared steps ----------------------------------------------------
@@ -189,9 +194,30 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         with self._ops.hold(keys, wait=False):
             yield
 
+    def _here(self, topology: csi_pb2.Topology) -> bool:
+        """Whether a topology names this node (other keys are not ours to judge)."""
+        return topology.segments.get(TOPOLOGY_KEY) == self.nodeid
+
+    def _check_topology(self, requirement: csi_pb2.TopologyRequirement) -> None:
+        """A volume can only be made in this node's pool.  The spec lets
+        ``preferred`` only narrow ``requisite``; given alone it is the CO's
+        whole wish list (csi-provisioner sends only the selected node), so
+        it is held to the same rule.
+
+        :raises RpcError: RESOURCE_EXHAUSTED, the spec's answer when the
+            volume cannot be made accessible from any requested topology.
+        """
+        wanted = list(requirement.requisite) or list(requirement.preferred)
+        if wanted and not any(self._here(t) for t in wanted):
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"qsnap volumes live on the node that creates them; this is node "
+                           f"{self.nodeid!r} ({TOPOLOGY_KEY}), which none of the "
+                           "accessibility requirements names")
+
     def _volume_pb(self, v: Volume) -> csi_pb2.Volume:
         msg = csi_pb2.Volume(capacity_bytes=v.size_bytes, volume_id=v.id,
-                             volume_context=self.volume_context)
+                             volume_context=self.volume_context,
+                             accessible_topology=[self.topology])
         source = _source_pb(v.source)
         if source is not None:
             msg.content_source.CopyFrom(source)
@@ -235,6 +261,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         :raises NotFound: the content source does not exist.
         :raises OutOfRange: the capacity range cannot be met.
         :raises PoolFull: no room (RESOURCE_EXHAUSTED).
+        :raises RpcError: RESOURCE_EXHAUSTED when the accessibility
+            requirements leave out this node (restores and clones are made
+            in the source's pool, which is this node's, too).
         :raises Busy: a call on the same name or source is in progress (ABORTED).
         """
         self._check_capability(RPC.CREATE_DELETE_VOLUME)
@@ -248,6 +277,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                                   "not both: ask for block or mount access, not both")
         if request.mutable_parameters:
             raise InvalidArgument("qsnap has no mutable parameters (MODIFY_VOLUME is not supported)")
+        self._check_topology(request.accessibility_requirements)
         source: ContentSource | None = None
         keys = [f"volume-name:{name}"]
         if request.HasField("volume_content_source"):
@@ -277,7 +307,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         """Delete a volume; an unknown ID is already deleted (OK).
 
         :raises InvalidArgument: no ID, or a path-like one.
-        :raises InUse: the volume is open (FAILED_PRECONDITION).
+        :raises InUse: the volume is open: staged on the node or attached to
+            a VM (FAILED_PRECONDITION).
         :raises Busy: a call on the same volume is in progress (ABORTED).
         """
         self._check_capability(RPC.CREATE_DELETE_VOLUME)
@@ -352,9 +383,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
     def GetCapacity(self, request: csi_pb2.GetCapacityRequest,
                     context: grpc.ServicerContext) -> csi_pb2.GetCapacityResponse:
-        """What a new volume can still get.  Capabilities qsnap cannot serve
-        have no capacity at all (0); the topology is ignored (qsnap reports
-        none).
+        """What a new volume can still get.  Capabilities qsnap cannot serve,
+        and a topology that is not this node's, have no capacity at all (0).
 
         :raises InvalidArgument: a malformed capability or an unknown parameter.
         """
@@ -363,7 +393,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         validate.check_parameters("volume", dict(request.parameters),
                                   engine_pool.VOLUME_PARAMETERS)
         minimum = wrappers_pb2.Int64Value(value=validate.SECTOR)
-        if any(a.unsupported() for a in accesses):
+        elsewhere = request.HasField("accessible_topology") and \
+            not self._here(request.accessible_topology)
+        if elsewhere or any(a.unsupported() for a in accesses):
             return csi_pb2.GetCapacityResponse(available_capacity=0,
                                                maximum_volume_size=wrappers_pb2.Int64Value(value=0),
                                                minimum_volume_size=minimum)
@@ -390,7 +422,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         :raises OutOfRange: the range cannot be met (e.g. a limit below the
             current size).
         :raises PoolFull: the quota cannot take the growth.
-        :raises InUse: the volume is open (FAILED_PRECONDITION: offline expansion).
+        :raises InUse: the volume is open by a VM (FAILED_PRECONDITION); a
+            volume staged on this node grows online, through its
+            qemu-storage-daemon.
         :raises Busy: a call on the same volume is in progress (ABORTED).
         """
         self._check_capability(RPC.EXPAND_VOLUME)
@@ -440,7 +474,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         :raises AlreadyExists: the name exists for another volume or parameters.
         :raises NotFound: no such source volume.
         :raises PoolFull: no room for the new overlay (RESOURCE_EXHAUSTED).
-        :raises InUse: the volume is open (FAILED_PRECONDITION).
+        :raises InUse: the volume is open by a VM (FAILED_PRECONDITION); a
+            staged volume is cut live through the node's qemu-storage-daemon.
         :raises Busy: a call on the same name or volume is in progress (ABORTED).
         """
         self._check_capability(RPC.CREATE_DELETE_SNAPSHOT)
