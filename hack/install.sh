@@ -11,7 +11,7 @@ extras=""
 
 # qemu-utils: qemu-img and qemu-io; the rest are the tools tests and the
 # driver call on volumes.
-apt_packages=(qemu-utils e2fsprogs util-linux python3-venv xfsprogs)
+apt_packages=(qemu-utils qemu-system-common fuse3 e2fsprogs util-linux python3-venv xfsprogs)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
