@@ -37,8 +37,8 @@ pytest.importorskip("qemu.qmp")
 from engine import qcow2  # noqa: E402
 from engine.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange  # noqa: E402
 from engine.qsd import (ChainMismatch, Cut, DaemonDied, DaemonStartError,  # noqa: E402
-                        DaemonState, QmpError, StorageDaemon, TopExported, VolumeNotOpen,
-                        fuse_mounts, node_name)
+                        DaemonState, QmpError, QmpTimeout, StorageDaemon, TopExported,
+                        VolumeNotOpen, fuse_mounts, node_name)
 
 QSD = shutil.which("qemu-storage-daemon")
 QEMU_IO = shutil.which("qemu-io")
@@ -629,6 +629,31 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in (b"Z", b"X")
+
+
+def test_hung_daemon_times_out_and_a_second_client_does_not_kill_it(run_dir: Path) -> None:
+    d = StorageDaemon(run_dir, timeout=1)
+    try:
+        assert d.ensure_running() is True
+        pid = d.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(QmpTimeout):
+                d.exports()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert d.exports() == {} and d.alive()          # answers again
+        # QMP serves one client at a time: a second one cannot attach, and
+        # must not take the silence for a dead daemon.
+        with StorageDaemon(run_dir, timeout=1) as other:
+            with pytest.raises(DaemonStartError, match="another client"):
+                other.ensure_running()
+        assert qsd_pid(run_dir) == pid and d.alive()
+    finally:
+        d.stop()
+        d.close()
+    assert qsd_pid(run_dir) is None
 
 
 def test_start_failure_is_typed(run_dir: Path) -> None:
