@@ -1,0 +1,484 @@
+"""Serving volumes on this node: qemu-storage-daemon, loop devices, mounts.
+
+A staged volume is *served*: the node's one qemu-storage-daemon (QSD) has
+its backing chain open and exports its top as a FUSE file; a buffered loop
+device on that file is the volume's block device; for mount access a
+filesystem on it is mounted at the staging path.  Publishing bind-mounts the
+staging mount (or the device node) onto the workload's target path.
+
+While served, the volume's owner is SERVED and only the QSD's QMP may change
+its chain: :class:`Node` is the pool's :class:`~engine.model.TopOwner` for
+served volumes, so snapshots, clones and expansions of a volume in use go
+through it and the workload keeps running.
+
+Every step is recorded in the catalog (``stagings``, ``publications``), so
+:meth:`Node.recover` can bring a node back after the plugin or the QSD was
+killed: it re-serves every staged volume from the catalog and finishes any
+unstaging that was interrupted.  A supervisor thread does the same the
+moment the QSD dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from engine.devices import Devices
+from engine.errors import AlreadyExists, EngineError, FailedPrecondition, InvalidArgument, NotFound
+from engine.model import Owner, Publication, Staging, Volume
+from engine.pool import Pool
+from engine.qsd import Cut, StorageDaemon
+
+log = logging.getLogger(__name__)
+
+BLOCK = "block"
+MOUNT = "mount"
+FS_TYPES = ("ext4", "xfs")
+DEFAULT_FS = "ext4"
+
+
+@dataclass(frozen=True)
+class Access:
+    """How a volume is exposed: a block device, or a filesystem."""
+
+    kind: str                       # BLOCK or MOUNT
+    fs_type: str = ""               # MOUNT only; "" means the default (ext4)
+    mount_flags: tuple[str, ...] = ()
+    read_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in (BLOCK, MOUNT):
+            raise InvalidArgument(f"access type must be block or mount, not {self.kind!r}")
+        if self.kind == MOUNT and self.fs_type and self.fs_type not in FS_TYPES:
+            raise InvalidArgument(f"filesystem {self.fs_type!r} is not supported "
+                                  f"(qsnap makes {', '.join(FS_TYPES)})")
+        if self.kind == BLOCK and (self.fs_type or self.mount_flags):
+            raise InvalidArgument("a block volume takes no filesystem type or mount flags")
+
+    @property
+    def filesystem(self) -> str:
+        return self.fs_type or DEFAULT_FS
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    bytes_total: int
+    bytes_used: int
+    bytes_available: int
+    inodes_total: int = 0
+    inodes_used: int = 0
+    inodes_free: int = 0
+    abnormal: bool = False
+    message: str = "volume is served and healthy"
+
+
+class Node:
+    """The node side of a pool.
+
+    :param pool: the open pool; the node attaches itself as its SERVED owner.
+    :param run_dir: where the QSD's socket, pid file and FUSE exports live
+        (``/run/qsnap/node``); must survive a plugin restart but not a reboot.
+    """
+
+    def __init__(self, pool: Pool, run_dir: Path, *, qsd: StorageDaemon | None = None,
+                 devices: Devices | None = None, supervise_interval: float = 1.0) -> None:
+        self.pool = pool
+        self.run_dir = run_dir
+        self.exports = run_dir / "exports"
+        self.qsd = qsd or StorageDaemon(run_dir / "qsd")
+        self.devices = devices or Devices()
+        self._interval = supervise_interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        pool.attach_owner(Owner.SERVED, self)
+
+    # -- life cycle ------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover every staged volume, then watch the QSD.
+
+        :raises EngineError: a volume could not be re-served (logged per volume;
+            the others are served regardless).
+        """
+        self.exports.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        self._thread = threading.Thread(target=self._supervise, name="qsnap-node-supervisor",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching.  The QSD keeps serving: staged volumes stay usable
+        while the plugin restarts."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def shutdown(self) -> None:
+        """Stop watching and stop the QSD (only when nothing is staged)."""
+        self.stop()
+        with self.pool.catalog.reading() as tx:
+            staged = tx.stagings()
+        if staged:
+            raise FailedPrecondition(f"{len(staged)} volumes are still staged")
+        self.qsd.stop()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                if not self.qsd.alive():
+                    log.error("qemu-storage-daemon died: re-serving every staged volume")
+                    self.recover()
+            except Exception:  # keep watching; the next round retries
+                log.exception("re-serving after a qemu-storage-daemon failure failed")
+
+    def recover(self) -> None:
+        """Bring every volume in the catalog's stagings back to its state.
+
+        Volumes being unstaged are taken down; the others are re-served:
+        QSD chain and export, loop device, mount, publications.  When the QSD
+        was restarted the old FUSE files, loop devices and mounts are dead
+        and are replaced (same paths; the kernel picks the loop device).
+        """
+        fresh = self.qsd.ensure_running()
+        with self.pool.catalog.reading() as tx:
+            stagings = tx.stagings()
+        failures = []
+        for staging in stagings:
+            try:
+                with self.pool.hold(f"volume:{staging.volume_id}"):
+                    if staging.state == "unstaging":
+                        self._take_down(staging)
+                    else:
+                        self._serve(staging, restarted=fresh)
+            except EngineError as e:
+                failures.append(f"{staging.volume_id}: {e}")
+                log.error("volume %s: cannot re-serve: %s", staging.volume_id, e)
+        if failures:
+            raise FailedPrecondition("cannot re-serve " + "; ".join(failures))
+
+    # -- stage / unstage -------------------------------------------------
+
+    def stage(self, volume_id: str, staging_path: Path, access: Access) -> Staging:
+        """Serve a volume and, for mount access, mount it at ``staging_path``.
+
+        Idempotent: staging again with the same arguments repairs whatever
+        is missing and returns.
+
+        :raises NotFound: no such volume.
+        :raises AlreadyExists: staged with other arguments or at another path.
+        :raises NotBlank: mount access asked for another filesystem than the
+            device holds (a device with data is never formatted).
+        :raises EngineError: a tool failed.
+        """
+        with self.pool.hold(f"volume:{volume_id}"):
+            volume = self.pool.get_volume(volume_id)
+            with self.pool.catalog.reading() as tx:
+                current = tx.staging(volume_id)
+            wanted = Staging(volume_id=volume.id, staging_path=str(staging_path),
+                             access=access.kind, fs_type=access.fs_type if access.kind == MOUNT else "",
+                             mount_flags=access.mount_flags, read_only=access.read_only,
+                             export_path=str(self.exports / volume.id), device="",
+                             state="staging")
+            if current is not None:
+                if current.state == "unstaging":
+                    self._take_down(current)
+                elif _same_staging(current, wanted):
+                    return self._serve(current, restarted=False)
+                else:
+                    raise AlreadyExists(f"volume {volume_id} is staged at {current.staging_path} "
+                                        f"as {current.access} with other arguments")
+            if volume.owner is not Owner.CLOSED:
+                raise FailedPrecondition(f"volume {volume_id} is open by {volume.owner.value}")
+            with self.pool.catalog.transaction() as tx:
+                tx.put_staging(wanted)
+                tx.set_owner(volume_id, Owner.SERVED)
+            log.info("volume %s: staging at %s (%s)", volume_id, staging_path, access.kind)
+            return self._serve(wanted, restarted=False)
+
+    def unstage(self, volume_id: str, staging_path: Path) -> None:
+        """Stop serving a volume; afterwards no mount, loop device, FUSE
+        export or QSD node of it is left.  Idempotent.
+
+        :raises FailedPrecondition: it is still published somewhere, or
+            staged at another path.
+        """
+        with self.pool.hold(f"volume:{volume_id}"):
+            with self.pool.catalog.reading() as tx:
+                current = tx.staging(volume_id)
+                published = tx.publications(volume_id)
+            if current is None:
+                return
+            if current.staging_path != str(staging_path):
+                raise FailedPrecondition(f"volume {volume_id} is staged at {current.staging_path}, "
+                                         f"not {staging_path}")
+            if published:
+                raise FailedPrecondition(f"volume {volume_id} is still published at "
+                                         + ", ".join(p.target_path for p in published))
+            current = replace(current, state="unstaging")
+            with self.pool.catalog.transaction() as tx:
+                tx.put_staging(current)
+            self._take_down(current)
+
+    def _serve(self, staging: Staging, *, restarted: bool) -> Staging:
+        """Make every layer of serving exist (idempotent); mark staged."""
+        volume = self.pool.get_volume(staging.volume_id)
+        self.qsd.ensure_running()
+        export = Path(staging.export_path)
+        # A cut the catalog recorded but the QSD did not make yet is finished
+        # first, so that opening the chain finds the QSD and catalog agreeing.
+        self._reconcile_top(volume)
+        chain = [(layer.id, Path(layer.path)) for layer in self.pool.volume_chain(volume.id)]
+        self.qsd.open_chain(volume.id, chain, read_only=False)
+        self.qsd.export_fuse(volume.id, export, writable=True)
+        device = self._loop_for(staging, export)
+        if staging.access == MOUNT:
+            self._mount(staging, device)
+        for publication in self._publications(volume.id):
+            self._publish_one(staging, device, publication, refresh=restarted)
+        staging = replace(staging, device=device, state="staged")
+        with self.pool.catalog.transaction() as tx:
+            tx.put_staging(staging)
+        log.info("volume %s: served at %s (%s)", volume.id, device, staging.staging_path)
+        return staging
+
+    def _reconcile_top(self, volume: Volume) -> None:
+        """After a crash between writing a cut's overlay and recording it,
+        the catalog may name an overlay the QSD has not switched to yet:
+        recovery rolled the cut forward, so finish the switch here."""
+        actual = self.qsd.top_layer(volume.id)
+        if actual is None or actual == volume.top_layer:
+            return
+        with self.pool.catalog.reading() as tx:
+            top = tx.need_layer(volume.top_layer)
+        if top.parent != actual:
+            raise FailedPrecondition(f"volume {volume.id}: qemu-storage-daemon serves layer "
+                                     f"{actual}, the catalog says {volume.top_layer}")
+        log.info("volume %s: finishing an interrupted cut onto layer %s", volume.id, top.id)
+        self.qsd.cut([Cut(volume.id, top.id, self.pool.layer_path(top.id))])
+
+    def _loop_for(self, staging: Staging, export: Path) -> str:
+        live = self.devices.find_loops(export)
+        if staging.device and staging.device in live:
+            return staging.device
+        if live:
+            return live[0]
+        # The recorded device, if any, is backed by a dead FUSE file (the
+        # QSD was restarted): take down what sits on it, then detach it.
+        if staging.device:
+            self._drop_stale_device(staging)
+        return self.devices.attach_loop(export, read_only=False)
+
+    def _drop_stale_device(self, staging: Staging) -> None:
+        for publication in self._publications(staging.volume_id):
+            self.devices.unmount(Path(publication.target_path), lazy=True)
+        if staging.access == MOUNT:
+            self.devices.unmount(Path(staging.staging_path), lazy=True)
+        for stale in self.devices.find_loops(Path(staging.export_path), include_stale=True):
+            try:
+                self.devices.detach_loop(stale, expected_backing=Path(staging.export_path))
+            except EngineError as e:
+                log.warning("volume %s: stale loop device %s not detached yet: %s",
+                            staging.volume_id, stale, e)
+
+    def _mount(self, staging: Staging, device: str) -> None:
+        target = Path(staging.staging_path)
+        info = self.devices.mount_info(target)
+        if info is not None and self.devices.mount_source(target) == device:
+            return
+        if info is not None:
+            # Something else (a dead mount of a previous device) is there.
+            self.devices.unmount(target, lazy=True)
+        fs_type = staging.fs_type or DEFAULT_FS
+        if self.devices.is_blank(device):
+            log.info("volume %s: making %s on blank %s", staging.volume_id, fs_type, device)
+            self.devices.make_filesystem(device, fs_type)
+        else:
+            found = self.devices.filesystem_type(device)
+            if staging.fs_type and found != staging.fs_type:
+                raise FailedPrecondition(f"volume {staging.volume_id} holds {found or 'data'}, "
+                                         f"not {staging.fs_type}; it is never reformatted")
+            fs_type = found or fs_type
+        target.mkdir(parents=True, exist_ok=True)
+        self.devices.mount(device, target, fs_type, list(staging.mount_flags),
+                           read_only=staging.read_only)
+
+    def _take_down(self, staging: Staging) -> None:
+        export = Path(staging.export_path)
+        for publication in self._publications(staging.volume_id):
+            self.devices.unmount(Path(publication.target_path))
+        if staging.access == MOUNT:
+            self.devices.unmount(Path(staging.staging_path))
+        for device in self.devices.find_loops(export, include_stale=True):
+            self.devices.detach_loop(device, expected_backing=export)
+        if self.qsd.alive():
+            self.qsd.unexport(staging.volume_id)
+            self.qsd.close_chain(staging.volume_id)
+        export.unlink(missing_ok=True)
+        with self.pool.catalog.transaction() as tx:
+            for publication in tx.publications(staging.volume_id):
+                tx.drop_publication(staging.volume_id, publication.target_path)
+            tx.drop_staging(staging.volume_id)
+            tx.set_owner(staging.volume_id, Owner.CLOSED)
+        log.info("volume %s: unstaged from %s", staging.volume_id, staging.staging_path)
+
+    # -- publish / unpublish ---------------------------------------------
+
+    def publish(self, volume_id: str, staging_path: Path, target: Path, *,
+                read_only: bool) -> None:
+        """Expose a staged volume at ``target``: a bind mount of the staged
+        filesystem (a directory) or of the device node (a file).  Idempotent.
+
+        :raises FailedPrecondition: the volume is not staged at ``staging_path``.
+        :raises AlreadyExists: ``target`` is published with the other read-only mode.
+        """
+        with self.pool.hold(f"volume:{volume_id}"):
+            staging = self._staged(volume_id, staging_path)
+            publication = Publication(volume_id, str(target), read_only)
+            for existing in self._publications(volume_id):
+                if existing.target_path == str(target) and existing.read_only != read_only:
+                    raise AlreadyExists(f"volume {volume_id} is already published at {target} "
+                                        f"{'read-only' if existing.read_only else 'read-write'}")
+            self._publish_one(staging, staging.device, publication, refresh=False)
+            with self.pool.catalog.transaction() as tx:
+                tx.put_publication(publication)
+            log.info("volume %s: published at %s%s", volume_id, target,
+                     " read-only" if read_only else "")
+
+    def _publish_one(self, staging: Staging, device: str, publication: Publication, *,
+                     refresh: bool) -> None:
+        target = Path(publication.target_path)
+        source = Path(staging.staging_path) if staging.access == MOUNT else Path(device)
+        if refresh:
+            self.devices.unmount(target, lazy=True)
+        if self.devices.is_mountpoint(target):
+            return
+        if staging.access == MOUNT:
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch(exist_ok=True)
+        self.devices.bind_mount(source, target, read_only=publication.read_only)
+
+    def unpublish(self, volume_id: str, target: Path) -> None:
+        """Undo :meth:`publish` and remove ``target``.  Idempotent.
+
+        :raises NotFound: the volume does not exist.
+        """
+        with self.pool.hold(f"volume:{volume_id}"):
+            self.pool.get_volume(volume_id)
+            self.devices.unmount(target)
+            if target.is_dir():
+                target.rmdir()
+            elif target.exists():
+                target.unlink()
+            with self.pool.catalog.transaction() as tx:
+                tx.drop_publication(volume_id, str(target))
+            log.info("volume %s: unpublished from %s", volume_id, target)
+
+    # -- stats and expansion ---------------------------------------------
+
+    def stats(self, volume_id: str, path: Path) -> VolumeStats:
+        """Usage of a staged or published volume at ``path``.
+
+        :raises NotFound: no such volume, or ``path`` is not where it is
+            staged or published.
+        """
+        staging = self._staging(volume_id)
+        paths = {staging.staging_path, *(p.target_path for p in self._publications(volume_id))}
+        if str(path) not in paths:
+            raise NotFound(f"volume {volume_id} is not staged or published at {path}")
+        condition = self._condition(staging)
+        if staging.access == BLOCK:
+            size = self.devices.device_size(staging.device) if not condition else 0
+            return VolumeStats(size, 0, 0, abnormal=bool(condition),
+                               message=condition or "volume is served and healthy")
+        usage = self.devices.usage(path)
+        return VolumeStats(usage.bytes_total, usage.bytes_used, usage.bytes_available,
+                           usage.inodes_total, usage.inodes_used, usage.inodes_free,
+                           abnormal=bool(condition),
+                           message=condition or "volume is served and healthy")
+
+    def _condition(self, staging: Staging) -> str:
+        if not self.qsd.alive():
+            return "qemu-storage-daemon is not running; the node is re-serving the volume"
+        if staging.device not in self.devices.find_loops(Path(staging.export_path)):
+            return f"loop device {staging.device} no longer serves the volume"
+        return ""
+
+    def expand(self, volume_id: str, path: Path) -> int:
+        """Grow the staged filesystem (or nothing, for block) to the volume's
+        size; the controller has grown the image already.
+
+        :returns: the device's size in bytes.
+        :raises NotFound: the volume is not staged or published at ``path``.
+        """
+        with self.pool.hold(f"volume:{volume_id}"):
+            staging = self._staging(volume_id)
+            paths = {staging.staging_path, *(p.target_path for p in self._publications(volume_id))}
+            if str(path) not in paths:
+                raise NotFound(f"volume {volume_id} is not staged or published at {path}")
+            size = self.devices.set_loop_capacity(staging.device)
+            if staging.access == MOUNT:
+                fs_type = self.devices.filesystem_type(staging.device) or staging.fs_type
+                self.devices.grow_filesystem(staging.device, Path(staging.staging_path),
+                                             fs_type or DEFAULT_FS)
+            log.info("volume %s: node expansion to %d bytes done", volume_id, size)
+            return size
+
+    # -- TopOwner: changes the pool routes here ------------------------------
+
+    def switch(self, cuts: list[tuple[Volume, str]], *, freeze: bool) -> tuple[str, ...]:
+        """Cut served volumes through the QSD, atomically across them; with
+        ``freeze``, their staged filesystems are frozen around the switch and
+        always thawed."""
+        indications = ["Online"]
+        with ExitStack() as frozen:
+            if freeze:
+                for volume, _ in cuts:
+                    staging = self._staging(volume.id)
+                    if staging.access == MOUNT:
+                        frozen.enter_context(self.devices.frozen(Path(staging.staging_path)))
+                indications.append("FilesystemFrozen")
+            self.qsd.cut([Cut(volume.id, layer, self.pool.layer_path(layer))
+                          for volume, layer in cuts])
+        return tuple(indications)
+
+    def resize(self, volume: Volume, size_bytes: int) -> None:
+        self.qsd.resize(volume.id, size_bytes)
+        staging = self._staging(volume.id)
+        if staging.device:
+            self.devices.set_loop_capacity(staging.device)
+
+    # -- helpers ---------------------------------------------------------
+
+    def _staging(self, volume_id: str) -> Staging:
+        with self.pool.catalog.reading() as tx:
+            staging = tx.staging(volume_id)
+        if staging is None:
+            self.pool.get_volume(volume_id)
+            raise NotFound(f"volume {volume_id} is not staged on this node")
+        return staging
+
+    def _staged(self, volume_id: str, staging_path: Path) -> Staging:
+        self.pool.get_volume(volume_id)
+        with self.pool.catalog.reading() as tx:
+            staging = tx.staging(volume_id)
+        if staging is None or staging.state != "staged":
+            raise FailedPrecondition(f"volume {volume_id} is not staged")
+        if staging.staging_path != str(staging_path):
+            raise FailedPrecondition(f"volume {volume_id} is staged at {staging.staging_path}, "
+                                     f"not {staging_path}")
+        return staging
+
+    def _publications(self, volume_id: str) -> list[Publication]:
+        with self.pool.catalog.reading() as tx:
+            return tx.publications(volume_id)
+
+
+def _same_staging(a: Staging, b: Staging) -> bool:
+    return (a.staging_path, a.access, a.fs_type, tuple(a.mount_flags), a.read_only) == \
+        (b.staging_path, b.access, b.fs_type, tuple(b.mount_flags), b.read_only)
