@@ -145,3 +145,12 @@ class TopOwner(Protocol):
         :raises EngineError: the resize failed.
         """
         ...
+
+    def rebase(self, volume_id: str, layer_id: str, new_parent: str | None) -> None:
+        """Copy into ``layer_id`` (below the volume's top) what the layers
+        between it and ``new_parent`` hold, then back it onto ``new_parent``;
+        content stays the same throughout.
+
+        :raises EngineError: the merge did not complete (the chain is as before).
+        """
+        ...

@@ -453,6 +453,9 @@ class Node:
         if staging.device:
             self.devices.set_loop_capacity(staging.device)
 
+    def rebase(self, volume_id: str, layer_id: str, new_parent: str | None) -> None:
+        self.qsd.stream(volume_id, layer_id, new_parent)
+
     # -- helpers ---------------------------------------------------------
 
     def _staging(self, volume_id: str) -> Staging:

@@ -144,6 +144,16 @@ class Pool:
         ``handler`` (the node's qemu-storage-daemon, a libvirt domain)."""
         self._owners[owner] = handler
 
+    def owner_of(self, owner: Owner) -> TopOwner:
+        """The handler attached for ``owner``.
+
+        :raises InUse: none is attached in this process.
+        """
+        handler = self._owners.get(owner)
+        if handler is None:
+            raise InUse(f"no connection to the {owner.value} owner in this process")
+        return handler
+
     def add_observer(self, observer: Callable[[str, float], None]) -> None:
         """Call ``observer(event, seconds)`` with the duration of timed
         steps; today ``"cut"``: a snapshot's or clone's cut, intent to commit."""
@@ -581,11 +591,10 @@ class Pool:
         """
         if volume.owner is Owner.CLOSED:
             return None
-        handler = self._owners.get(volume.owner)
-        if handler is None:
+        if volume.owner not in self._owners:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}) and this driver "
                         "has no connection to its owner")
-        return handler
+        return self._owners[volume.owner]
 
     def _switch(self, handler: TopOwner, intent: int, cuts: list[tuple[Volume, str]], *,
                 freeze: bool) -> tuple[str, ...]:

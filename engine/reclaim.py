@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.catalog import Intent
 from engine.errors import Busy, EngineError
-from engine.model import Layer
+from engine.model import Layer, Owner
 
 if TYPE_CHECKING:
     from engine.pool import Pool
@@ -48,14 +48,25 @@ WHERE NOT EXISTS (SELECT 1 FROM volumes v WHERE v.top = l.id)
 ORDER BY l.depth
 """
 
-# Layers (and their whole chains) that an owner other than qsnap has open.
+# Every layer in the chain of a volume that an owner other than qsnap has
+# open, with that volume: (layer, volume id, volume owner, volume top).
 _OPEN_LAYERS = """
-WITH RECURSIVE up(id) AS (
-    SELECT top FROM volumes WHERE owner != 'closed'
+WITH RECURSIVE up(id, volume, owner, top) AS (
+    SELECT top, id, owner, top FROM volumes WHERE owner != 'closed'
     UNION
-    SELECT l.parent FROM layers l JOIN up ON l.id = up.id WHERE l.parent IS NOT NULL)
-SELECT id FROM up
+    SELECT l.parent, up.volume, up.owner, up.top FROM layers l JOIN up ON l.id = up.id
+    WHERE l.parent IS NOT NULL)
+SELECT id, volume, owner, top FROM up
 """
+
+
+@dataclass(frozen=True)
+class _Opener:
+    """A volume whose owner has a layer open."""
+
+    volume_id: str
+    owner: Owner
+    top: str
 
 
 @dataclass
@@ -89,9 +100,34 @@ def reclaim(pool: "Pool") -> int:
             log.info("layer %s: reclaimed", layer_id)
 
 
-def _open_layers(pool: "Pool") -> set[str]:
+def _openers(pool: "Pool") -> dict[str, list[_Opener]]:
+    """Layer → the owned volumes whose chains include it."""
+    out: dict[str, list[_Opener]] = {}
     with pool.catalog.reading() as tx:
-        return {r["id"] for r in tx.all(_OPEN_LAYERS)}
+        for r in tx.all(_OPEN_LAYERS):
+            out.setdefault(r["id"], []).append(_Opener(r["volume"], Owner(r["owner"]), r["top"]))
+    return out
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Who performs a merge: qemu-img on closed files (``via`` None), or
+    the owner of the one volume that has the layers open."""
+
+    via: _Opener | None
+
+
+def _route(openers: dict[str, list[_Opener]], layers: list[str]) -> _Route | None:
+    """How layers can be merged; None when they cannot be now: open by
+    several volumes (each holds the files; a write would conflict) or by an
+    owner through which qsnap cannot merge."""
+    found = {o.volume_id: o for layer in layers for o in openers.get(layer, [])}
+    if not found:
+        return _Route(None)
+    if len(found) > 1:
+        return None
+    (opener,) = found.values()
+    return _Route(opener) if opener.owner is Owner.SERVED else None
 
 
 def _holders(pool: "Pool", layers: list[str]) -> list[str]:
@@ -121,21 +157,21 @@ def merge_step(pool: "Pool") -> str | None:
 
     :returns: "collapse" or "flatten" when a merge was done, else None.
     """
-    busy_layers = _open_layers(pool)
+    openers = _openers(pool)
     with pool.catalog.reading() as tx:
         collapsible = [r["id"] for r in tx.all(_COLLAPSIBLE)]
         deep = [r["id"] for r in tx.all("SELECT id FROM layers WHERE depth = ? ORDER BY created_ns",
                                         (pool.config.depth_cap + 1,))]
     for parent_id in collapsible:
-        if parent_id not in busy_layers and _collapse(pool, parent_id, busy_layers):
+        if _collapse(pool, parent_id, openers):
             return "collapse"
     for layer_id in deep:
-        if layer_id not in busy_layers and _flatten(pool, layer_id):
+        if _flatten(pool, layer_id, openers):
             return "flatten"
     return None
 
 
-def _collapse(pool: "Pool", parent_id: str, busy_layers: set[str]) -> bool:
+def _collapse(pool: "Pool", parent_id: str, openers: dict[str, list[_Opener]]) -> bool:
     with pool.catalog.reading() as tx:
         parent = tx.layer(parent_id)
         children = tx.children(parent_id)
@@ -143,16 +179,22 @@ def _collapse(pool: "Pool", parent_id: str, busy_layers: set[str]) -> bool:
             return False
         child = children[0]
         grandchildren = tx.children(child.id)
-    if child.id in busy_layers:
+    route = _route(openers, [child.id, parent_id])
+    if route is None:
+        return False
+    if route.via is not None and route.via.top == child.id:
+        # QEMU cannot rewrite the top of a writable export; after the next
+        # cut the child is no longer the top and the merge goes ahead.
         return False
     try:
         with pool.locks.hold(_holders(pool, [child.id, parent_id]), wait=False):
             child_path = pool.layout.layer_path(child.id)
             parent_path = pool.layout.layer_path(parent_id)
-            if not grandchildren and _allocated(child_path) <= _allocated(parent_path):
+            if (route.via is None and not grandchildren
+                    and _allocated(child_path) <= _allocated(parent_path)):
                 _commit_down(pool, child, parent)
             else:
-                _rebase(pool, child, parent.parent, reason="collapse")
+                _rebase(pool, child, parent.parent, reason="collapse", via=route.via)
     except Busy:
         return False
     return True
@@ -190,36 +232,48 @@ def _commit_down(pool: "Pool", child: Layer, parent: Layer) -> None:
              parent.depth)
 
 
-def _rebase(pool: "Pool", layer: Layer, new_parent: str | None, *, reason: str) -> None:
-    """Rebase ``layer`` onto ``new_parent`` (None: make it standalone)
-    with qemu-img's safe mode, then record the new parent."""
+def _rebase(pool: "Pool", layer: Layer, new_parent: str | None, *, reason: str,
+            via: _Opener | None = None) -> None:
+    """Rebase ``layer`` onto ``new_parent`` (None: make it standalone),
+    then record the new parent: with qemu-img's safe mode on closed files,
+    or through ``via``'s owner (a block-stream job with ``new_parent`` as
+    its base) when that volume has the chain open."""
     body = {"layer": layer.id, "old_parent": layer.parent, "new_parent": new_parent,
             "reason": reason}
     pins = tuple(x for x in (layer.id, layer.parent, new_parent) if x)
     intent = pool._begin("merge-rebase", body, pins=pins)
-    target = pool.layout.layer_path(new_parent) if new_parent else None
-    pool.qemu_img.rebase(pool.layout.layer_path(layer.id), target)
+    if via is not None:
+        pool.owner_of(via.owner).rebase(via.volume_id, layer.id, new_parent)
+    else:
+        target = pool.layout.layer_path(new_parent) if new_parent else None
+        pool.qemu_img.rebase(pool.layout.layer_path(layer.id), target)
     pool._crash_point("merge-rebase:after-file")
     with pool.catalog.transaction() as tx:
         tx.reparent(layer.id, new_parent)
         tx.drop_intent(intent)
-    log.info("layer %s: rebased from %s onto %s (%s)", layer.id, layer.parent,
-             new_parent or "nothing", reason)
+    log.info("layer %s: rebased from %s onto %s (%s%s)", layer.id, layer.parent,
+             new_parent or "nothing", reason,
+             f", through volume {via.volume_id}'s {via.owner.value} owner" if via else "")
 
 
-def _flatten(pool: "Pool", layer_id: str) -> bool:
+def _flatten(pool: "Pool", layer_id: str, openers: dict[str, list[_Opener]]) -> bool:
     target_depth = max(1, pool.config.depth_cap // 2)
     with pool.catalog.reading() as tx:
         chain = tx.chain(layer_id)
-    if len(chain) < 2:
+    route = _route(openers, [x.id for x in chain])
+    if route is None or len(chain) < 2:
         return False
+    if route.via is not None and route.via.top == chain[0].id:
+        # The exported top cannot be rewritten: shorten the chain under it
+        # instead, by rebasing its parent.
+        chain = chain[1:]
     layer = chain[0]
     ancestor = next((x for x in chain if x.depth == target_depth), None)
-    if ancestor is None or ancestor.id == layer.parent:
+    if ancestor is None or ancestor.id == layer.parent or ancestor.id == layer.id:
         return False
     try:
         with pool.locks.hold(_holders(pool, [layer.id]), wait=False):
-            _rebase(pool, layer, ancestor.id, reason="flatten")
+            _rebase(pool, layer, ancestor.id, reason="flatten", via=route.via)
     except Busy:
         return False
     return True
