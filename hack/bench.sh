@@ -6,10 +6,10 @@
 #
 # Usage: hack/bench.sh [more `qsnap bench` flags, which override the defaults]
 # Environment:
-#   BENCH_SIZES      volume sizes, filled and empty (default 1G,64G); sizes the
-#                    pool's filesystem cannot hold filled are dropped, with a note
+#   BENCH_SIZES      volume sizes, filled and empty (default 1G,64G); a size the
+#                    pool's filesystem cannot hold is shrunk to what fits, with a note
 #   BENCH_DIR        where the temporary pool goes (default /var/tmp); it needs
-#                    the largest size free, plus a few GiB
+#                    the sum of the sizes free, plus 4 GiB
 #   BASELINE_ENDPOINT  a second CSI driver to compare with (--baseline)
 set -euo pipefail
 
@@ -31,20 +31,29 @@ finish() {
 }
 trap finish EXIT
 
-# Filling a volume needs its size on disk: keep the sizes that fit, with 4 GiB
-# to spare for the driver's own files and the rest of the machine.
+# The filled source volumes of all sizes exist at once (the iterations
+# alternate between sizes), so their sum must fit, with 4 GiB to spare for the
+# driver's own files and the rest of the machine.  A size that does not fit is
+# replaced by the largest whole GiB that does, with a note.
 sizes="$("$py" - "${BENCH_SIZES:-1G,64G}" "$work" <<'EOF'
 import os, sys
 from csidriver.units import format_size, parse_size
-wanted, path = sys.argv[1].split(","), sys.argv[2]
-st = os.statvfs(path)
+wanted = sorted(sys.argv[1].split(","), key=parse_size)
+st = os.statvfs(sys.argv[2])
 room = st.f_bavail * st.f_frsize - (4 << 30)
-keep = [s for s in wanted if parse_size(s) <= room]
+keep: list[str] = []
 for s in wanted:
-    if s not in keep:
-        print(f"hack/bench.sh: {s} does not fit: {format_size(max(room, 0))} free for data "
-              f"under {path}; measuring without it", file=sys.stderr)
-print(",".join(keep or [min(wanted, key=parse_size)]))
+    left = room - sum(parse_size(k) for k in keep)
+    if parse_size(s) <= left:
+        keep.append(s)
+        continue
+    fits = left >> 30
+    print(f"hack/bench.sh: {s} does not fit next to {','.join(keep) or 'nothing'}: "
+          f"{format_size(max(room, 0))} free for data under {sys.argv[2]}", file=sys.stderr)
+    if fits >= 1 and (not keep or fits << 30 > parse_size(keep[-1])):
+        keep.append(f"{fits}G")
+        print(f"hack/bench.sh: measuring {fits}G instead", file=sys.stderr)
+print(",".join(keep or [wanted[0]]))
 EOF
 )"
 
