@@ -22,14 +22,17 @@ log = logging.getLogger(__name__)
 Service = csi_pb2.PluginCapability.Service
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
-# What this plugin serves.  The Node and GroupController services come
-# later; each adds one line here when its servicer is registered.
+# What this plugin serves.  The Node service has no capability of its own:
+# VOLUME_ACCESSIBILITY_CONSTRAINTS says that volumes carry the topology
+# segment NodeGetInfo reports (a volume lives in one node's pool).  The
+# GroupController service adds its line when its servicer is registered.
 SERVICES: tuple[csi_pb2.PluginCapability.Service.Type, ...] = (
     Service.CONTROLLER_SERVICE,
+    Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
 )
-# The engine grows only closed volumes (expand_volume raises InUse for an
-# open one), so expansion is offline: the volume must be unpublished.
-EXPANSION: csi_pb2.PluginCapability.VolumeExpansion.Type = Expansion.OFFLINE
+# A staged volume grows while in use: the node's qemu-storage-daemon resizes
+# the open image (block_resize) and NodeExpandVolume grows the filesystem.
+EXPANSION: csi_pb2.PluginCapability.VolumeExpansion.Type = Expansion.ONLINE
 
 # How long a successful qemu-img check is trusted: Probe is called every few
 # seconds by the liveness sidecar and must stay cheap.

@@ -1,6 +1,7 @@
-"""The driver process: opens the pool, starts its maintainer, and serves CSI
-Identity and Controller, qsnap's Inspect and the standard gRPC health
-service on one endpoint until SIGTERM or SIGINT.
+"""The driver process: opens the pool, starts its maintainer and the node
+side (re-serving staged volumes), and serves CSI Identity, Controller and
+Node, qsnap's Inspect and the standard gRPC health service on one endpoint
+until SIGTERM or SIGINT.
 
 ``python -m csidriver --help`` (or ``qsnap serve --help``) lists the flags.
 """
@@ -30,10 +31,12 @@ from csidriver.errors import ErrorInterceptor, wrap_handler
 from csidriver.identity import Identity
 from csidriver.inspect import Inspect
 from csidriver.metrics import Metrics
+from csidriver.node import NodeService
 from csidriver.pb import csi_pb2, csi_pb2_grpc, qsnap_pb2, qsnap_pb2_grpc
 from csidriver.units import parse_size
 from engine.errors import EngineError, InvalidArgument
 from engine.layout import default_root
+from engine.node import Node
 from engine.pool import Pool, PoolConfig
 from engine.reclaim import Maintainer, MaintenanceStats
 
@@ -41,6 +44,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "unix:///run/qsnap/csi.sock"
 DEFAULT_DRIVERNAME = "qsnap.csi.dev"
+# The QSD's socket and FUSE exports: must outlive a plugin restart (the QSD
+# keeps serving) but not a reboot, hence under /run.
+DEFAULT_RUN_DIR = Path("/run/qsnap/node")
 # The CSI spec's driver names: at most 63 characters, alphanumerics with
 # dashes and dots between, alphanumeric at both ends.
 DRIVERNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")
@@ -65,6 +71,8 @@ class Options:
     log_level: str
     metrics_address: str = "0.0.0.0"
     metrics_port: int | None = None
+    run_dir: Path = DEFAULT_RUN_DIR
+    max_volumes: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="cap on the sum of volume sizes, e.g. 500G (default: none)")
     p.add_argument("--reserve", type=_size, default=64 << 20,
                    help="free space the pool's filesystem keeps, e.g. 1G (default: 64M)")
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
+                   help="the node's run directory: qemu-storage-daemon socket, pid file and "
+                        "FUSE exports; keep it across plugin restarts (default: %(default)s)")
+    p.add_argument("--max-volumes", type=int, default=0,
+                   help="volumes this node may have staged, reported to the CO by NodeGetInfo "
+                        "(default: 0, no limit)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port at /metrics (default: off)")
     p.add_argument("--metrics-address", default="0.0.0.0",
@@ -145,13 +159,18 @@ def parse_args(argv: list[str] | None) -> Options:
         p.error("--metrics-port must be between 0 and 65535")
     if not args.nodeid:
         p.error("--nodeid must not be empty")
+    if args.max_volumes < 0:
+        p.error("--max-volumes must not be negative")
+    if not args.run_dir.is_absolute():
+        p.error("--run-dir must be an absolute path")
     if not DRIVERNAME.match(args.drivername):
         p.error(f"--drivername {args.drivername!r} is not a CSI driver name (at most 63 "
                 "characters: letters, digits, '-' and '.', a letter or digit at both ends)")
     return Options(endpoint=args.endpoint, pool_root=args.pool or default_root(),
                    nodeid=args.nodeid, drivername=args.drivername, config=config,
                    log_level=args.log_level, metrics_address=args.metrics_address,
-                   metrics_port=args.metrics_port)
+                   metrics_port=args.metrics_port, run_dir=args.run_dir,
+                   max_volumes=args.max_volumes)
 
 
 # -- logging interceptor -----------------------------------------------------
@@ -264,14 +283,16 @@ def prepare_socket(path: Path) -> None:
 Registration = tuple[Callable[[Any, grpc.Server], None], Any]
 
 
-def services(pool: Pool, options: Options, stats: MaintenanceStats) -> list[Registration]:
-    """Every servicer this process serves, with the function that registers
-    it.  The Node service joins this list the same way."""
+def services(pool: Pool, node: Node, options: Options,
+             stats: MaintenanceStats) -> list[Registration]:
+    """Every servicer this process serves, with the function that registers it."""
     return [
         (csi_pb2_grpc.add_IdentityServicer_to_server,
          Identity(options.drivername, pool, options.nodeid)),
         (csi_pb2_grpc.add_ControllerServicer_to_server,
          Controller(pool, options.drivername, options.nodeid)),
+        (csi_pb2_grpc.add_NodeServicer_to_server,
+         NodeService(node, pool, options.nodeid, max_volumes=options.max_volumes)),
         (qsnap_pb2_grpc.add_InspectServicer_to_server, Inspect(pool, stats)),
     ]
 
@@ -280,27 +301,31 @@ def services(pool: Pool, options: Options, stats: MaintenanceStats) -> list[Regi
 HEALTH_SERVICES: tuple[str, ...] = (
     csi_pb2.DESCRIPTOR.services_by_name["Identity"].full_name,
     csi_pb2.DESCRIPTOR.services_by_name["Controller"].full_name,
+    csi_pb2.DESCRIPTOR.services_by_name["Node"].full_name,
     qsnap_pb2.DESCRIPTOR.services_by_name["Inspect"].full_name,
 )
 
 
 class DriverServer:
-    """The pool, its maintainer and the gRPC server, started and stopped together."""
+    """The pool, its maintainer, the node side and the gRPC server, started
+    and stopped together."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
         self.endpoint = parse_endpoint(options.endpoint)
         self.pool: Pool | None = None
         self.maintainer: Maintainer | None = None
+        self.node: Node | None = None
         self.metrics: Metrics | None = None
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer()
         self._socket_inode: int | None = None
 
     def start(self) -> None:
-        """Open the pool and start serving.
+        """Open the pool, re-serve the staged volumes and start serving.
 
-        :raises EngineError: the pool cannot be opened (Busy: another driver has it).
+        :raises EngineError: the pool cannot be opened (Busy: another driver
+            has it), or the node's run directory cannot be used.
         :raises RuntimeError: the endpoint cannot be used.
         :raises OSError: the socket's directory cannot be made.
         """
@@ -313,6 +338,10 @@ class DriverServer:
         # Work left from before a restart (deletions whose layers were not
         # reclaimed yet) is picked up now rather than at the first interval.
         self.maintainer.wake()
+        # Attached to the pool now (cuts of served volumes go through it),
+        # started once the endpoint is ours: a driver that cannot listen
+        # must not have started a qemu-storage-daemon.
+        self.node = Node(self.pool, o.run_dir)
         observer: RpcObserver | None = None
         if o.metrics_port is not None:
             self.metrics = Metrics(self.pool, self.maintainer.stats)
@@ -324,7 +353,7 @@ class DriverServer:
             # Two drivers on one TCP port must fail, not share the traffic.
             options=[("grpc.so_reuseport", 0)])
         self.server = server
-        for register, servicer in services(self.pool, o, self.maintainer.stats):
+        for register, servicer in services(self.pool, self.node, o, self.maintainer.stats):
             register(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.endpoint.socket is not None:
@@ -335,6 +364,14 @@ class DriverServer:
             raise RuntimeError(f"cannot listen on {o.endpoint}: {e}") from e
         if port == 0:
             raise RuntimeError(f"cannot listen on {o.endpoint}")
+        try:
+            self.node.start()
+        except EngineError as e:
+            # Each volume that could not be re-served is logged by the node;
+            # the others are served, and NodeStageVolume repairs the rest.
+            # Refusing to start would take every volume's service down for
+            # one broken volume.
+            log.error("node %s: not every staged volume could be re-served: %s", o.nodeid, e)
         server.start()
         if self.endpoint.socket is not None:
             self._socket_inode = self.endpoint.socket.stat().st_ino
@@ -344,8 +381,10 @@ class DriverServer:
                  o.endpoint, o.nodeid)
 
     def stop(self) -> None:
-        """Stop serving, then the maintainer, then close the pool.  Safe to
-        call after a failed :meth:`start`."""
+        """Stop serving, then the maintainer and the node's supervisor, then
+        close the pool.  Safe to call after a failed :meth:`start`.  The
+        qemu-storage-daemon keeps running: staged volumes stay usable while
+        the plugin restarts, and the next start adopts it."""
         self.health.enter_graceful_shutdown()
         if self.server is not None:
             self.server.stop(GRACE_SECONDS).wait()
@@ -356,6 +395,9 @@ class DriverServer:
         if self.maintainer is not None:
             self.maintainer.stop()
             self.maintainer = None
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None
