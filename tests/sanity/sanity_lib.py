@@ -1,13 +1,13 @@
 """Support code for the pytest port of the upstream CSI sanity suite.
 
 This mirrors, in our own Python, the parts of kubernetes-csi/csi-test
-``pkg/sanity`` that the identity and controller specs rely on:
+``pkg/sanity`` that the identity, controller and node specs rely on:
 
 * ``sanity.go``: ``TestConfig`` defaults (``NewTestConfig``), ``CSISecrets``,
   ``UniqueString`` / ``UniqueStringWithLength`` (one random suffix per
   process, exactly like upstream's package-level ``uniqueSuffix``).
 * ``util.go``: ``DefaultIDGenerator`` (the "nonexistent" IDs) and
-  ``ExpectErrorCode``.
+  ``ExpectErrorCode``; ``sanity.go``'s default ``CheckPath``.
 * ``resources.go``: ``Resources`` -- every volume / snapshot a spec creates is
   registered and torn down LIFO after the spec (the upstream ``AfterEach``),
   including the node-side unpublish/unstage calls and the controller
@@ -16,6 +16,7 @@ This mirrors, in our own Python, the parts of kubernetes-csi/csi-test
   ``TestVolumeCapabilityWithAccessType``, ``isControllerCapabilitySupported``,
   ``verifyVolumeInfo`` / ``verifySnapshotInfo`` and the ``Make*Req``
   request builders.
+* ``node.go``: ``isNodeCapabilitySupported``, ``isPluginCapabilitySupported``.
 
 Configuration: the defaults are upstream's. Like csi-sanity's ``--csi.*``
 flags, a few can be changed through the environment:
@@ -28,8 +29,9 @@ flags, a few can be changed through the environment:
 ``QSNAP_SANITY_TEST_SNAPSHOT_PARAMETERS`` JSON object
 ``QSNAP_SANITY_TEST_VOLUME_MUTABLE_PARAMETERS`` JSON object
 ``QSNAP_SANITY_RUN_PENDING``           ``1`` runs the specs upstream marks ``XIt``
-``QSNAP_SANITY_STRICT_NODE_CLEANUP``   ``1`` always makes upstream's node-side
-                                       cleanup calls (see Resources.cleanup)
+``QSNAP_SANITY_STRICT_NODE_CLEANUP``   ``1`` (default) makes upstream's node-side
+                                       cleanup calls; ``0`` leaves them out when
+                                       the server has no Node service
 =====================================  ==========================================
 """
 
@@ -37,8 +39,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets as _secrets
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -62,8 +66,9 @@ MAX_NAME_LENGTH = 128
 #: only add one so that a hung server fails a spec instead of the whole run.
 CALL_TIMEOUT = 60.0
 
-#: Make the node-side cleanup calls even when the server has no Node service.
-STRICT_NODE_CLEANUP = os.environ.get("QSNAP_SANITY_STRICT_NODE_CLEANUP") == "1"
+#: Make the node-side cleanup calls as upstream does, also against a server
+#: without a Node service (they then fail the spec, as in csi-sanity).
+STRICT_NODE_CLEANUP = os.environ.get("QSNAP_SANITY_STRICT_NODE_CLEANUP", "1") != "0"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
 NodeRPC = csi_pb2.NodeServiceCapability.RPC
@@ -272,10 +277,9 @@ def node_capabilities(node: Any) -> list[int]:
 
 
 def node_service_served(node: Any) -> bool:
-    """Whether the server registers the CSI Node service at all.
-
-    The Node service is a later issue; until then NodeGetCapabilities answers
-    UNIMPLEMENTED. See Resources.cleanup for what that changes.
+    """Whether the server registers the CSI Node service at all
+    (NodeGetCapabilities does not answer UNIMPLEMENTED).  Only consulted
+    with ``QSNAP_SANITY_STRICT_NODE_CLEANUP=0``; see Resources.cleanup.
     """
     try:
         node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=CALL_TIMEOUT)
@@ -283,6 +287,49 @@ def node_service_served(node: Any) -> bool:
         if err.code() == grpc.StatusCode.UNIMPLEMENTED:
             return False
     return True
+
+
+def plugin_capabilities(identity: Any) -> list[int]:
+    """The advertised plugin service types (node.go isPluginCapabilitySupported's
+    query; a failure fails the spec)."""
+    caps = expect_ok(lambda: identity.GetPluginCapabilities(
+        csi_pb2.GetPluginCapabilitiesRequest(), timeout=CALL_TIMEOUT))
+    assert caps is not None
+    return [cap.service.type for cap in caps.capabilities if cap.HasField("service")]
+
+
+#: sanity.go PathKind values returned by CheckPath.
+PATH_IS_NOT_FOUND = "not found"
+PATH_IS_DIR = "directory"
+PATH_IS_FILE = "file"
+PATH_IS_OTHER = "other"
+
+
+def check_path(path: str) -> str:
+    """sanity.go's default CheckPath (no --csi.checkpathcmd): what ``path`` is."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return PATH_IS_NOT_FOUND
+    if stat.S_ISDIR(st.st_mode):
+        return PATH_IS_DIR
+    if stat.S_ISREG(st.st_mode):
+        return PATH_IS_FILE
+    return PATH_IS_OTHER
+
+
+def is_mountpoint(path: str) -> bool:
+    """Whether something is mounted at ``path`` (binds within one filesystem
+    included, which os.path.ismount misses).  Not upstream: the port checks
+    that its shared staging and target paths are left clean."""
+    want = os.path.realpath(path)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            point = line.split(" ")[4]
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+            if point == want:
+                return True
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -523,12 +570,11 @@ class Resources:
 
     def _cleanup_volume(self, volume_id: str, info: _VolumeInfo, node_served: bool) -> list[str]:
         errors = []
-        # Upstream makes these calls whenever the Resources has a node client.
-        # The Node service is a later issue: while the server does not register
-        # it at all (NodeGetCapabilities -> UNIMPLEMENTED) they are left out,
-        # unless QSNAP_SANITY_STRICT_NODE_CLEANUP=1. Upstream would record an
-        # error for every volume (UNIMPLEMENTED is not NOT_FOUND) and fail the
-        # spec in its AfterEach; see README.md.
+        # Upstream makes these calls whenever the Resources has a node client,
+        # and so does this port by default. QSNAP_SANITY_STRICT_NODE_CLEANUP=0
+        # leaves them out against a server without a Node service
+        # (NodeGetCapabilities -> UNIMPLEMENTED), where upstream would record
+        # an error for every volume and fail the spec; see README.md.
         if self.node is not None and node_served:
             try:
                 self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
