@@ -21,12 +21,14 @@ moment the QSD dies.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from engine.devices import Devices
+from engine.devices import DeviceError, Devices
 from engine.errors import AlreadyExists, EngineError, FailedPrecondition, InvalidArgument, NotFound
 from engine.model import Owner, Publication, Staging, Volume
 from engine.pool import Pool
@@ -38,6 +40,9 @@ BLOCK = "block"
 MOUNT = "mount"
 FS_TYPES = ("ext4", "xfs")
 DEFAULT_FS = "ext4"
+# How long a grown image may take to show its size through the FUSE export:
+# the kernel caches the export's attributes (about a second).
+EXPORT_SIZE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -421,7 +426,8 @@ class Node:
             paths = {staging.staging_path, *(p.target_path for p in self._publications(volume_id))}
             if str(path) not in paths:
                 raise NotFound(f"volume {volume_id} is not staged or published at {path}")
-            size = self.devices.set_loop_capacity(staging.device)
+            volume = self.pool.get_volume(volume_id)
+            size = self._refresh_device(staging, volume.size_bytes)
             if staging.access == MOUNT:
                 fs_type = self.devices.filesystem_type(staging.device) or staging.fs_type
                 self.devices.grow_filesystem(staging.device, Path(staging.staging_path),
@@ -451,7 +457,26 @@ class Node:
         self.qsd.resize(volume.id, size_bytes)
         staging = self._staging(volume.id)
         if staging.device:
-            self.devices.set_loop_capacity(staging.device)
+            self._refresh_device(staging, size_bytes)
+
+    def _refresh_device(self, staging: Staging, size_bytes: int) -> int:
+        """Make the loop device take the export's new size and return the
+        device's size.  ``losetup --set-capacity`` reads the size of the
+        FUSE file, which the kernel caches for about a second after
+        ``block_resize``: wait until the export shows ``size_bytes`` first,
+        or the device keeps its old size.
+
+        :raises DeviceError: the export does not grow in time.
+        """
+        export = Path(staging.export_path)
+        deadline = time.monotonic() + EXPORT_SIZE_TIMEOUT
+        while (shown := os.stat(export).st_size) < size_bytes:
+            if time.monotonic() > deadline:
+                raise DeviceError(f"volume {staging.volume_id}: the export {export} still shows "
+                                  f"{shown} bytes, not {size_bytes}, {EXPORT_SIZE_TIMEOUT:.0f}s "
+                                  "after the resize")
+            time.sleep(0.05)
+        return self.devices.set_loop_capacity(staging.device)
 
     def rebase(self, volume_id: str, layer_id: str, new_parent: str | None) -> None:
         self.qsd.stream(volume_id, layer_id, new_parent)
