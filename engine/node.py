@@ -20,6 +20,7 @@ moment the QSD dies.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -148,9 +149,21 @@ class Node:
         was restarted the old FUSE files, loop devices and mounts are dead
         and are replaced (same paths; the kernel picks the loop device).
         """
-        fresh = self.qsd.ensure_running()
         with self.pool.catalog.reading() as tx:
             stagings = tx.stagings()
+        # A dead daemon's FUSE exports are still mounted (answering ENOTCONN)
+        # until ensure_running() removes them; only until then do the loop
+        # devices on them show the export's path and can be found and
+        # detached.  Afterwards they show "/" and would be left behind.
+        for staging in stagings:
+            if staging.device and _dead_export(Path(staging.export_path)):
+                try:
+                    with self.pool.hold(f"volume:{staging.volume_id}"):
+                        self._drop_stale_device(staging)
+                except EngineError as e:
+                    log.warning("volume %s: taking down the dead export's devices: %s",
+                                staging.volume_id, e)
+        fresh = self.qsd.ensure_running()
         failures = []
         for staging in stagings:
             try:
@@ -505,6 +518,15 @@ class Node:
     def _publications(self, volume_id: str) -> list[Publication]:
         with self.pool.catalog.reading() as tx:
             return tx.publications(volume_id)
+
+
+def _dead_export(export: Path) -> bool:
+    """Whether ``export`` is a FUSE export whose daemon is gone."""
+    try:
+        os.stat(export)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
 
 
 def _same_staging(a: Staging, b: Staging) -> bool:
