@@ -298,14 +298,23 @@ def unmount_under(root: Path) -> list[str]:
 
 def release_node(run_dir: Path) -> list[str]:
     """Take down what a node side left in ``run_dir`` and return what was
-    found: mounts on its loop devices and its FUSE exports are unmounted
-    (lazily: a dead FUSE mount cannot be unmounted any other way), the
-    qemu-storage-daemon is killed, the loop devices detached.  Touches
-    nothing of other run directories."""
+    found, in an order that finds everything: the mounts of its loop
+    devices (lazily: the filesystem may be busy or its device dead), then
+    the loop devices -- while the FUSE exports they are bound to are still
+    mounted, since a loop on a detached file shows "/" and is found by
+    nobody -- then the qemu-storage-daemon, then its FUSE exports.
+    Touches nothing of other run directories."""
     found: list[str] = []
+    exports_prefix = os.path.realpath(run_dir) + "/"
     for point in reversed(mounts_of(run_dir)):
-        found.append(f"mount {point}")
-        _run("umount", "--lazy", "--no-canonicalize", point)
+        if not point.startswith(exports_prefix):
+            found.append(f"mount {point}")
+            _run("umount", "--lazy", "--no-canonicalize", point)
+    for name in loops_under(run_dir):
+        # Detached at once, or (still open by a lazily unmounted filesystem)
+        # marked to detach itself on its last close.
+        found.append(f"loop {name}")
+        _run("losetup", "--detach", name)
     for pid in daemons_of(run_dir):
         found.append(f"qemu-storage-daemon {pid}")
         with contextlib.suppress(ProcessLookupError):
@@ -313,11 +322,9 @@ def release_node(run_dir: Path) -> list[str]:
         deadline = time.monotonic() + 10
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-    for point in reversed(mounts_of(run_dir)):   # exports of the daemon just killed
+    for point in reversed(mounts_of(run_dir)):
+        found.append(f"mount {point}")
         _run("umount", "--lazy", "--no-canonicalize", point)
-    for name in loops_under(run_dir):
-        found.append(f"loop {name}")
-        _run("losetup", "--detach", name)
     return found
 
 

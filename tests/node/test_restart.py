@@ -111,9 +111,10 @@ def test_qsd_killed_under_load_is_reserved(driver: Driver, node_paths: Path) -> 
     finally:
         durable = writer.finish()
     assert durable >= 30
-    wait_until(lambda: (c := condition(driver, vol, target)) is not None and not c.abnormal,
+    # Served again: healthy, mounted at the staging path, bound at the target.
+    wait_until(lambda: (c := condition(driver, vol, target)) is not None and not c.abnormal
+               and staged_source(staging) is not None and staged_source(target) is not None,
                60, "the volume served again")
-    assert staged_source(staging) is not None and staged_source(target) is not None
     check_files(target, durable)
     (target / "after").write_text("served again")
     assert (staging / "after").read_text() == "served again"
