@@ -110,10 +110,14 @@ class Node:
             the others are served regardless).
         """
         self.exports.mkdir(parents=True, exist_ok=True)
-        self.recover()
-        self._thread = threading.Thread(target=self._supervise, name="qsnap-node-supervisor",
-                                        daemon=True)
-        self._thread.start()
+        try:
+            self.recover()
+        finally:
+            # Watch the QSD even when a volume could not be re-served: the
+            # others are served, and they need the supervisor as much.
+            self._thread = threading.Thread(target=self._supervise,
+                                            name="qsnap-node-supervisor", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         """Stop watching.  The QSD keeps serving: staged volumes stay usable
