@@ -397,6 +397,9 @@ class DriverServer:
             self.maintainer = None
         if self.node is not None:
             self.node.stop()
+            # Hang up QMP (its event loop must end before the interpreter
+            # does); the daemon keeps serving and the next start attaches.
+            self.node.qsd.close()
             self.node = None
         if self.pool is not None:
             self.pool.close()
