@@ -219,7 +219,25 @@ class Node:
                 tx.put_staging(wanted)
                 tx.set_owner(volume_id, Owner.SERVED)
             log.info("volume %s: staging at %s (%s)", volume_id, staging_path, access.kind)
-            return self._serve(wanted, restarted=False)
+            try:
+                return self._serve(wanted, restarted=False)
+            except BaseException:
+                self._undo_first_staging(wanted)
+                raise
+
+    def _undo_first_staging(self, staging: Staging) -> None:
+        """Take down what a first staging that failed made.  A refused
+        NodeStageVolume (data of another filesystem, mkfs failing) is often
+        final for the CO, which then never unstages: left staged, the volume
+        would keep a loop device and a QSD chain and could not be deleted."""
+        undo = replace(staging, state="unstaging")
+        try:
+            with self.pool.catalog.transaction() as tx:
+                tx.put_staging(undo)
+            self._take_down(undo)
+        except EngineError as e:
+            # Recorded as unstaging: recover() finishes the take-down.
+            log.error("volume %s: undoing the failed staging: %s", staging.volume_id, e)
 
     def unstage(self, volume_id: str, staging_path: Path) -> None:
         """Stop serving a volume; afterwards no mount, loop device, FUSE
