@@ -22,7 +22,7 @@ import pytest
 from rootconf import (Driver, DriverFactory, block_cap, code_of, create_volume, loops_under,
                       mount_cap, mountinfo, mounts_of, publish, stage, unpublish,
                       unstage)
-from csidriver.pb import csi_pb2
+from csidriver.pb import csi_pb2, qsnap_pb2
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/dev/loop-control").exists()
@@ -149,11 +149,13 @@ def test_data_survives_unstage_and_restage(driver: Driver, node_paths: Path) -> 
     stage(driver, vol, staging, mount_cap(""))   # "" = whatever it holds
     assert (staging / "kept").read_bytes() == b"x" * 5000
     unstage(driver, vol, staging)
-    # Asking for another filesystem than it holds is refused, not formatted;
-    # the CO then unstages (the refused staging is the same path).
+    # Asking for another filesystem than it holds is refused, not formatted,
+    # and the refused staging leaves nothing (the CO may well not unstage).
     assert code_of(stage, driver, vol, staging, mount_cap("xfs")) == Code.FAILED_PRECONDITION
-    unstage(driver, vol, staging)
     assert_nothing_left(driver)
+    assert driver.inspect.DescribeVolume(
+        qsnap_pb2.DescribeVolumeRequest(volume_id=vol)).owner == "closed"
+    unstage(driver, vol, staging)
     stage(driver, vol, staging, cap)
     assert (staging / "kept").read_bytes() == b"x" * 5000
     unstage(driver, vol, staging)
