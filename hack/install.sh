@@ -11,7 +11,7 @@ extras=""
 
 # qemu-utils: qemu-img and qemu-io; the rest are the tools tests and the
 # driver call on volumes.
-apt_packages=(qemu-utils qemu-system-common fuse3 e2fsprogs util-linux python3-venv xfsprogs)
+apt_packages=(qemu-utils qemu-system-common fuse3 e2fsprogs util-linux python3-venv xfsprogs qemu-system-x86 qemu-guest-agent busybox-static linux-image-amd64 cpio libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
