@@ -138,6 +138,18 @@ def test_targets_are_judged_plainly() -> None:
     assert verdicts["32"].status == "met"
 
 
+def test_depth_target_names_slow_depths_between_first_and_last() -> None:
+    doc = _doc()
+    results = doc["results"]
+    assert isinstance(results, list)
+    results.insert(5, {"driver": "target", "scenario": "depth", "op": "CreateSnapshot",
+                       "size_bytes": 0, "filled": False, "depth": 17, "count": 0,
+                       "concurrency": 0, "stats": {"p50": 0.020, "n": 5}})
+    [depth] = [t for t in evaluate_targets(doc, "target") if "chain" in t.name]
+    assert depth.status == "met"
+    assert "#17" in depth.detail and "5.0×" in depth.detail
+
+
 def test_targets_not_measured_say_so() -> None:
     verdicts = evaluate_targets(_doc(results=[], throughput=[]), "target")
     assert [t.status for t in verdicts] == ["not measured"] * 5

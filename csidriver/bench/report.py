@@ -181,8 +181,17 @@ def _depth_target(doc: dict[str, Any], driver: str) -> TargetResult:
     measured = (f"#1: {format_seconds(f50)}, #{last['depth']}: {format_seconds(l50)} "
                 f"({l50 / f50:.2f}×, {last['stats']['n']} samples each)")
     met = l50 <= f50 * (1 + DEPTH_TOLERANCE)
-    detail = "" if last["depth"] >= 50 else f"chain only {last['depth']} deep, not 50"
-    return TargetResult(name, goal, measured, "met" if met else "MISSED", detail)
+    notes = [] if last["depth"] >= 50 else [f"chain only {last['depth']} deep, not 50"]
+    # The target names one depth; say so when another one is much slower.
+    slow = [r for r in found if r["stats"]["p50"] > f50 * (1 + DEPTH_TOLERANCE)]
+    if slow:
+        worst = max(slow, key=lambda r: r["stats"]["p50"])
+        notes.append(f"but {len(slow)} of {len(found)} depths are slower than #1 by more than "
+                     f"{DEPTH_TOLERANCE:.0%}: " + ", ".join(f"#{r['depth']}" for r in slow[:8])
+                     + ("..." if len(slow) > 8 else "")
+                     + f"; worst #{worst['depth']} at {format_seconds(worst['stats']['p50'])} "
+                       f"({worst['stats']['p50'] / f50:.1f}×)")
+    return TargetResult(name, goal, measured, "met" if met else "MISSED", "; ".join(notes))
 
 
 def _list_target(doc: dict[str, Any], driver: str) -> TargetResult:
