@@ -99,6 +99,28 @@ def test_without_an_agent_preferred_is_crash_consistent_required_fails(
     vm.wait_agent(True, 60)
 
 
+def test_a_hung_agent_is_not_waited_on(vm: Guest, freezer: Freezer, tmp_path: Path) -> None:
+    # SIGSTOP keeps the agent's port open but nothing answers: the case
+    # where libvirt alone would wait ~5 s per call.  The guest's shell
+    # resumes it later.
+    vm.spawn("sleep 0.5; p=$(pidof qemu-ga); kill -STOP $p; sleep 10; kill -CONT $p")
+    time.sleep(1.5)
+    [use] = freezer.domains_using({"vol-1": [vm.disk]})
+    state = tmp_path / "freeze.json"
+    t0 = time.monotonic()
+    with freezer.frozen([use], deadline_s=30, policy=Policy.PREFERRED,
+                        state_file=state) as session:
+        assert session.indications == ("Online", "NoGuestAgent")
+    took = time.monotonic() - t0
+    assert took < freezer.ping_timeout_s + 1.5, f"waited {took:.1f}s on a hung agent"
+    with pytest.raises(GuestAgentUnavailable):
+        with freezer.frozen([use], deadline_s=30, policy=Policy.REQUIRED, state_file=state):
+            pytest.fail("entered the block with a hung agent under policy required")
+    assert not state.exists()
+    vm.wait_agent(True, 60)
+    print(f"\nhung agent detected in {took:.2f}s")
+
+
 def test_watchdog_thaws_at_the_deadline_while_the_caller_hangs(
         vm: Guest, freezer: Freezer, tmp_path: Path) -> None:
     [use] = freezer.domains_using({"vol-1": [vm.disk]})
