@@ -403,11 +403,16 @@ class Freezer:
         session = FreezeSession(policy=policy, deadline_s=deadline_s,
                                 started_at=time.monotonic())
         to_freeze: list[tuple[DomainFreeze, Any]] = []
+        conn = self.connection()
         for use in uses:
-            dom = self.lookup(use)
             try:
+                dom = conn.lookupByUUIDString(use.uuid)
                 state, _reason = dom.state()
             except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    # A transient domain that stopped since it was found.
+                    log.info("%s no longer exists: offline cut, no freeze", use.label())
+                    continue
                 raise FreezeError(f"{use.label()}: {e.get_error_message()}") from e
             if state not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
                 log.info("%s is not running: offline cut, no freeze", use.label())
@@ -460,8 +465,10 @@ class Freezer:
         watchdog_failures: list[str] = []
 
         def watchdog() -> None:
-            assert deadline_s is not None
-            if stop.wait(deadline_s):
+            # The deadline counts from entry, agent pings included.
+            remaining = session.remaining_s()
+            assert remaining is not None
+            if stop.wait(max(0.0, remaining)):
                 return
             with lock:
                 session.expired = True

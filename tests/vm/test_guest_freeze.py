@@ -21,8 +21,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guest_lib import ROOT, URI, Guest, guest, vm  # noqa: E402,F401  (fixtures by name)
 
-from engine.freeze import (Freezer, FreezeDeadlineExceeded, GuestAgentUnavailable,  # noqa: E402
-                           Policy)
+from engine.errors import InvalidArgument  # noqa: E402
+from engine.freeze import (Freezer, FreezeDeadlineExceeded, FreezeStateCorrupt,  # noqa: E402
+                           GuestAgentUnavailable, Policy, disk_sources, parse_deadline)
 
 
 @pytest.fixture
@@ -31,6 +32,47 @@ def freezer() -> Iterator[Freezer]:
     yield f
     f.close()
 
+
+# -- without a guest ---------------------------------------------------------
+
+def test_deadline_and_policy_parameters() -> None:
+    assert parse_deadline("30s") == 30
+    assert parse_deadline("5m") == 300
+    assert parse_deadline("500ms") == 0.5
+    assert parse_deadline("12") == 12
+    assert parse_deadline("0") is None
+    assert parse_deadline("") == 300
+    assert Policy.parse(None) is Policy.PREFERRED
+    assert Policy.parse("Required") is Policy.REQUIRED
+    for bad in ("5 minutes", "-1", "1d"):
+        with pytest.raises(InvalidArgument):
+            parse_deadline(bad)
+    with pytest.raises(InvalidArgument, match="required, preferred or disabled"):
+        Policy.parse("sometimes")
+
+
+def test_disk_sources_include_block_devices_and_backing_chains() -> None:
+    xml = """<domain><devices>
+      <disk type='file'><source file='/p/top.qcow2'/>
+        <backingStore type='file'><source file='/p/base.qcow2'/><backingStore/></backingStore>
+        <target dev='vda'/></disk>
+      <disk type='block'><source dev='/dev/loop7'/><target dev='vdb'/></disk>
+      <disk type='network'><source protocol='nbd' name='x'/><target dev='vdc'/></disk>
+    </devices></domain>"""
+    assert disk_sources(xml) == [("vda", "/p/top.qcow2"), ("vda", "/p/base.qcow2"),
+                                 ("vdb", "/dev/loop7")]
+
+
+def test_an_unreadable_state_file_is_reported_not_guessed(tmp_path: Path) -> None:
+    state = tmp_path / "freeze.json"
+    assert Freezer("test:///default").thaw_leftovers(state) == []    # no file: nothing to do
+    state.write_text("{not json")
+    with pytest.raises(FreezeStateCorrupt, match="unreadable"):
+        Freezer("test:///default").thaw_leftovers(state)
+    assert state.exists()
+
+
+# -- with the guest -----------------------------------------------------------
 
 def test_finds_the_domain_by_its_disk_path_or_a_symlink(vm: Guest, freezer: Freezer,
                                                         tmp_path: Path) -> None:
