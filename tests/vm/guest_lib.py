@@ -163,6 +163,21 @@ def make_ext4_qcow2(path: Path, mib: int = DISK_MIB) -> None:
     path.chmod(0o666)
 
 
+def _destroy_stale_guests(conn: Any) -> None:
+    """Destroy test guests of test processes that died without cleaning up
+    (a transient domain outlives both its creator and libvirtd), and their
+    run directories.  Only names this module makes are touched."""
+    import libvirt
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        prefix, _, pid = dom.name().rpartition("-")
+        if prefix == "qsnap-test" and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            try:
+                dom.destroy()
+            except libvirt.libvirtError:
+                continue
+            shutil.rmtree(CACHE / f"run-{pid}", ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def guest() -> Iterator[Guest]:
     """Build the guest, start libvirt if needed, boot one guest for the
@@ -204,6 +219,7 @@ def guest() -> Iterator[Guest]:
     # expect many (pings of a silent agent) and read them from exceptions.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     conn = libvirt.open(URI)
+    _destroy_stale_guests(conn)
     dom = None
     try:
         xml = domain_xml(name, image / "vmlinuz", image / "initrd.gz", [disk], console,
