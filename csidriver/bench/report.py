@@ -204,7 +204,8 @@ def _list_target(doc: dict[str, Any], driver: str) -> TargetResult:
     p50 = found[0]["stats"]["p50"]
     pages = [x["pages"] for x in doc["listings"] if x["driver"] == driver
              and x["count"] == LIST_COUNT]
-    measured = f"{format_seconds(p50)}" + (f" ({pages[0]} pages)" if pages else "")
+    measured = f"{format_seconds(p50)}" + (
+        f" ({pages[0]} page{'s' if pages[0] != 1 else ''})" if pages else "")
     return TargetResult(name, goal, measured, "met" if p50 <= LIST_P50 else "MISSED")
 
 
@@ -297,7 +298,8 @@ def render_text(doc: dict[str, Any]) -> str:
     for x in doc["listings"]:
         rate = f", {x['added'] / x['add_seconds']:.0f}/s" if x["add_seconds"] > 0 else ""
         out.append(f"list {x['driver']} {x['count']}: {x['listed']} snapshots listed in "
-                   f"{x['pages']} pages; making {x['added']} of them took "
+                   f"{x['pages']} page{'s' if x['pages'] != 1 else ''}; making {x['added']} of "
+                   "them took "
                    f"{x['add_seconds']:.1f} s (with their volumes{rate})")
     for f in doc["fills"]:
         rate = f["bytes_per_second"] / (1 << 20)
