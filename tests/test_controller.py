@@ -194,7 +194,8 @@ def test_create_volume(driver: Driver) -> None:
     assert vol.capacity_bytes == 10 * MIB
     assert dict(vol.volume_context) == {"qsnap.csi.dev/node": "test-node"}
     assert not vol.HasField("content_source")
-    assert not vol.accessible_topology
+    assert [dict(t.segments) for t in vol.accessible_topology] == \
+        [{"topology.qsnap.csi.dev/node": "test-node"}]
     d = describe(driver, vol.volume_id)
     assert (d.name, d.size_bytes, len(d.chain)) == ("pvc-1", 10 * MIB, 1)
     assert Path(d.chain[0].path).is_file()
@@ -1026,8 +1027,8 @@ def test_open_volume_is_failed_precondition(driver: Driver) -> None:
         finally:
             db.close()
 
-    # What the Node service will record while a VM or the storage daemon has it open.
-    set_owner("served")
+    # A domain's QEMU has it open, and this driver has no libvirt connection.
+    set_owner("domain")
     c = driver.controller
     for method, req in [
         (c.DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id)),

@@ -75,11 +75,10 @@ def test_plugin_capabilities(driver: Driver) -> None:
     services = {c.service.type for c in caps.capabilities if c.HasField("service")}
     expansions = {c.volume_expansion.type for c in caps.capabilities
                   if c.HasField("volume_expansion")}
-    # Controller only: no Node service yet, and no topology is reported, so
-    # accessibility constraints must not be advertised.
-    assert services == {Service.CONTROLLER_SERVICE}
-    # Expansion needs the volume closed.
-    assert expansions == {Expansion.OFFLINE}
+    # Volumes live on one node and say so with a topology segment.
+    assert services == {Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+    # Served volumes grow through qemu-storage-daemon while in use.
+    assert expansions == {Expansion.ONLINE}
 
 
 def test_probe_ready(driver: Driver) -> None:
@@ -99,7 +98,7 @@ def test_health_serving(driver: Driver, service: str) -> None:
 
 def test_health_unknown_service(driver: Driver) -> None:
     with pytest.raises(grpc.RpcError) as e:
-        driver.health.Check(health_pb2.HealthCheckRequest(service="csi.v1.Node"))
+        driver.health.Check(health_pb2.HealthCheckRequest(service="csi.v1.NoSuchService"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
