@@ -300,8 +300,16 @@ class Node:
         log.info("volume %s: finishing an interrupted cut onto layer %s", volume.id, top.id)
         self.qsd.cut([Cut(volume.id, top.id, self.pool.layer_path(top.id))])
 
+    def _loops(self, export: Path, *, read_only: bool) -> list[str]:
+        """Live loop devices on ``export`` opened read-only (or read-write)."""
+        names = set(self.devices.find_loops(export))
+        return [loop.name for loop in self.devices.list_loops()
+                if loop.name in names and loop.read_only == read_only]
+
     def _loop_for(self, staging: Staging, export: Path) -> str:
-        live = self.devices.find_loops(export)
+        # A read-only staging gets a read-only loop device: a read-only
+        # mount or bind of a device node alone does not stop writes to it.
+        live = self._loops(export, read_only=staging.read_only)
         if staging.device and staging.device in live:
             return staging.device
         if live:
@@ -310,7 +318,24 @@ class Node:
         # QSD was restarted): take down what sits on it, then detach it.
         if staging.device:
             self._drop_stale_device(staging)
-        return self.devices.attach_loop(export, read_only=False)
+        return self.devices.attach_loop(export, read_only=staging.read_only)
+
+    def _stale_device_of(self, staging: Staging, source: str | None) -> bool:
+        """Whether ``source`` is a loop device this volume used before its
+        export was restarted (backed by the export's old file, or by
+        nothing once that file's mount is gone)."""
+        if not source or not source.startswith("/dev/loop"):
+            return False
+        if source in self.devices.find_loops(Path(staging.export_path), include_stale=True):
+            return True
+        return self.devices.loop_backing(source) in (None, Path("/"))
+
+    def _read_only_loop(self, staging: Staging) -> str:
+        """The read-only loop device read-only block publications of a
+        writable staging share (made on first use)."""
+        export = Path(staging.export_path)
+        live = self._loops(export, read_only=True)
+        return live[0] if live else self.devices.attach_loop(export, read_only=True)
 
     def _drop_stale_device(self, staging: Staging) -> None:
         for publication in self._publications(staging.volume_id):
@@ -327,10 +352,15 @@ class Node:
     def _mount(self, staging: Staging, device: str) -> None:
         target = Path(staging.staging_path)
         info = self.devices.mount_info(target)
-        if info is not None and self.devices.mount_source(target) == device:
+        source = self.devices.mount_source(target) if info is not None else None
+        if source == device:
             return
         if info is not None:
-            # Something else (a dead mount of a previous device) is there.
+            if not self._stale_device_of(staging, source):
+                # Never unmount what someone else put there.
+                raise FailedPrecondition(f"{target} already has a mount of {source or 'something'}"
+                                         f" that is not volume {staging.volume_id}'s device")
+            # A dead mount of the device from before a QSD restart.
             self.devices.unmount(target, lazy=True)
         fs_type = staging.fs_type or DEFAULT_FS
         if self.devices.is_blank(device):
@@ -391,11 +421,16 @@ class Node:
     def _publish_one(self, staging: Staging, device: str, publication: Publication, *,
                      refresh: bool) -> None:
         target = Path(publication.target_path)
-        source = Path(staging.staging_path) if staging.access == MOUNT else Path(device)
+        if staging.access == MOUNT:
+            source = Path(staging.staging_path)
+        elif publication.read_only and not staging.read_only:
+            source = Path(self._read_only_loop(staging))
+        else:
+            source = Path(device)
         if refresh:
             self.devices.unmount(target, lazy=True)
-        if self.devices.is_mountpoint(target):
-            return
+        # bind_mount is idempotent for the same source and refuses a target
+        # that holds anything else.
         if staging.access == MOUNT:
             target.mkdir(parents=True, exist_ok=True)
         else:
@@ -417,6 +452,15 @@ class Node:
                 target.unlink()
             with self.pool.catalog.transaction() as tx:
                 tx.drop_publication(volume_id, str(target))
+                staging = tx.staging(volume_id)
+                remaining = tx.publications(volume_id)
+            if (staging is not None and staging.access == BLOCK and not staging.read_only
+                    and not any(p.read_only for p in remaining)):
+                # The last read-only publication of a writable block volume
+                # is gone: its read-only loop device goes too.
+                export = Path(staging.export_path)
+                for loop in self._loops(export, read_only=True):
+                    self.devices.detach_loop(loop, expected_backing=export)
             log.info("volume %s: unpublished from %s", volume_id, target)
 
     # -- stats and expansion ---------------------------------------------

@@ -134,3 +134,26 @@ def test_deleted_snapshots_of_a_served_volume_are_reclaimed(
     assert len(pool.volume_chain(volume.id)) == 2
     for i in range(6):
         assert _read(device, i * MIB, MIB) == _pattern(i)
+
+
+def test_read_only_block_publication_refuses_writes(node_pool: tuple[Pool, Node, Path]) -> None:
+    """A bind of a device node is not read-only by itself: a read-only
+    publication must be backed by a read-only loop device."""
+    pool, node, tmp = node_pool
+    volume = pool.create_volume("ro", required_bytes=8 * MIB)
+    node.stage(volume.id, tmp / "stage", Access(BLOCK))
+    rw, ro = tmp / "rw", tmp / "ro"
+    node.publish(volume.id, tmp / "stage", rw, read_only=False)
+    node.publish(volume.id, tmp / "stage", ro, read_only=True)
+    _write(rw, 0, _pattern(7))
+    assert _read(ro, 0, MIB) == _pattern(7)
+    with pytest.raises(OSError):
+        _write(ro, 0, _pattern(8))
+    assert _read(rw, 0, MIB) == _pattern(7)
+    export = Path(node._staging(volume.id).export_path)
+    assert len(node.devices.find_loops(export)) == 2
+    node.unpublish(volume.id, ro)
+    assert len(node.devices.find_loops(export)) == 1
+    node.unpublish(volume.id, rw)
+    node.unstage(volume.id, tmp / "stage")
+    assert node.devices.find_loops(export) == []
