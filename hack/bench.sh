@@ -75,4 +75,4 @@ baseline=()
   --sizes "$sizes" --iterations 20 --depth 50 --depth-repeats 10 \
   --list 10,1000,10000 --list-repeats 5 --concurrency 1,8,32 --per-caller 10 \
   --json "$out/bench.json" --html "$out/bench.html" "$@"
-echo "hack/bench.sh: wrote $out/bench.json and $out/bench.html" >&2
+echo "hack/bench.sh: done; the reports are in $out" >&2
