@@ -9,9 +9,16 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 
-# qemu-utils: qemu-img and qemu-io; the rest are the tools tests and the
-# driver call on volumes.
-apt_packages=(qemu-utils qemu-system-common fuse3 e2fsprogs util-linux python3-venv xfsprogs qemu-system-x86 qemu-guest-agent busybox-static linux-image-amd64 cpio libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc)
+# What the driver runs: qemu-img/qemu-io (qemu-utils), qemu-storage-daemon
+# (qemu-system-common), FUSE, filesystems, losetup; python3-venv/-dev and the
+# libvirt headers build libvirt-python.
+apt_packages=(qemu-utils qemu-system-common fuse3 e2fsprogs xfsprogs util-linux
+              python3-venv python3-dev libvirt-dev pkg-config gcc)
+# What the tests add: a libvirtd and a TCG guest (kernel, busybox, qemu-ga).
+if [[ -n "$extras" ]]; then
+  apt_packages+=(qemu-system-x86 qemu-guest-agent busybox-static linux-image-amd64 cpio
+                 libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
+fi
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
