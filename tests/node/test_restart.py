@@ -194,7 +194,10 @@ def test_repeated_stage_publish_leaves_nothing(driver: Driver, node_paths: Path)
     vol, cap = vols["mount"]
     stage(driver, vol, staging, cap)
     unstage(driver, vol, staging)
-    mounts_before = len(mountinfo())
+    # Only mounts under this test's own paths count: other processes on the
+    # machine (a concurrent test run) may mount and unmount meanwhile.
+    ours = (str(node_paths), str(driver.run_dir), str(driver.pool_root))
+    mounts_before = [m for m in mountinfo() if m["point"].startswith(ours)]
     loops_before = loops_under(driver.run_dir)
     [qsd] = daemons_of(driver.run_dir)
     assert open_images(qsd, driver.pool_root) == []
@@ -206,7 +209,7 @@ def test_repeated_stage_publish_leaves_nothing(driver: Driver, node_paths: Path)
         unpublish(driver, vol, t)
         unstage(driver, vol, staging)
         assert not t.exists()
-    assert len(mountinfo()) == mounts_before
+    assert [m for m in mountinfo() if m["point"].startswith(ours)] == mounts_before
     assert loops_under(driver.run_dir) == loops_before == {}
     assert mounts_of(driver.run_dir) == []
     assert daemons_of(driver.run_dir) == [qsd]
