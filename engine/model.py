@@ -146,6 +146,14 @@ class TopOwner(Protocol):
         """
         ...
 
+    def commit(self, volume_id: str, layer_id: str, parent_id: str) -> None:
+        """Write ``layer_id`` (below the volume's top) into its backing
+        ``parent_id`` and back the layer above it onto the parent.
+
+        :raises EngineError: the merge did not complete (the chain is as before).
+        """
+        ...
+
     def rebase(self, volume_id: str, layer_id: str, new_parent: str | None) -> None:
         """Copy into ``layer_id`` (below the volume's top) what the layers
         between it and ``new_parent`` hold, then back it onto ``new_parent``;

@@ -560,6 +560,9 @@ class Node:
     def rebase(self, volume_id: str, layer_id: str, new_parent: str | None) -> None:
         self.qsd.stream(volume_id, layer_id, new_parent)
 
+    def commit(self, volume_id: str, layer_id: str, parent_id: str) -> None:
+        self.qsd.commit(volume_id, layer_id, parent_id)
+
     # -- helpers ---------------------------------------------------------
 
     def _staging(self, volume_id: str) -> Staging:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.catalog import Intent
+from engine.catalog import Intent, Tx
 from engine.errors import Busy, EngineError
 from engine.model import Layer, Owner
 
@@ -186,13 +186,20 @@ def _collapse(pool: "Pool", parent_id: str, openers: dict[str, list[_Opener]]) -
         # QEMU cannot rewrite the top of a writable export; after the next
         # cut the child is no longer the top and the merge goes ahead.
         return False
+    # Copy the smaller side: commit the child into the parent when the child
+    # holds less (the usual case, a snapshot's overlay on a big base), else
+    # rebase the child past the parent.  Rebasing onto a base's absence
+    # would copy the whole base.  Through a served volume only a commit
+    # with exactly one grandchild (the chain of that volume) is possible.
+    child_path = pool.layout.layer_path(child.id)
+    parent_path = pool.layout.layer_path(parent_id)
+    commit = _allocated(child_path) <= _allocated(parent_path) or parent.parent is None
+    if route.via is not None and len(grandchildren) != 1:
+        commit = False
     try:
         with pool.locks.hold(_holders(pool, [child.id, parent_id]), wait=False):
-            child_path = pool.layout.layer_path(child.id)
-            parent_path = pool.layout.layer_path(parent_id)
-            if (route.via is None and not grandchildren
-                    and _allocated(child_path) <= _allocated(parent_path)):
-                _commit_down(pool, child, parent)
+            if commit:
+                _commit_down(pool, child, parent, grandchildren, via=route.via)
             else:
                 _rebase(pool, child, parent.parent, reason="collapse", via=route.via)
     except Busy:
@@ -200,36 +207,64 @@ def _collapse(pool: "Pool", parent_id: str, openers: dict[str, list[_Opener]]) -
     return True
 
 
-def _commit_down(pool: "Pool", child: Layer, parent: Layer) -> None:
-    """Commit a leaf layer into its only-needed parent; the parent then
-    takes the child's place (volume top or snapshot layer)."""
-    body = {"child": child.id, "parent": parent.id}
-    intent = pool._begin("merge-commit", body, pins=(child.id, parent.id))
+def _commit_down(pool: "Pool", child: Layer, parent: Layer, grandchildren: list[Layer], *,
+                 via: _Opener | None = None) -> None:
+    """Commit ``child`` into its only-needed ``parent``; the parent then
+    takes the child's place (volume top, snapshot layer, and backing of the
+    child's children, whose headers are repointed: the parent now reads
+    exactly like the child)."""
+    body = {"child": child.id, "parent": parent.id,
+            "grandchildren": [g.id for g in grandchildren]}
+    intent = pool._begin("merge-commit", body,
+                         pins=(child.id, parent.id, *(g.id for g in grandchildren)))
     child_path = pool.layout.layer_path(child.id)
     parent_path = pool.layout.layer_path(parent.id)
-    if parent.virtual_size < child.virtual_size:
-        # Grow the parent first so the child's clusters past its end fit;
-        # the child reads zeros there from the parent either way.
-        pool.qemu_img.resize(parent_path, child.virtual_size)
-    pool.qemu_img.commit(child_path, parent_path)
-    pool._crash_point("merge-commit:after-file")
+    if via is not None:
+        # A block-commit job below the exported top; QEMU repoints the
+        # overlay above the child in the daemon and in its header.
+        pool.owner_of(via.owner).commit(via.volume_id, child.id, parent.id)
+        pool._crash_point("merge-commit:after-file")
+    else:
+        if parent.virtual_size < child.virtual_size:
+            # Grow the parent first so the child's clusters past its end
+            # fit; the child reads zeros there from the parent either way.
+            pool.qemu_img.resize(parent_path, child.virtual_size)
+        pool.qemu_img.commit(child_path, parent_path)
+        pool._crash_point("merge-commit:after-file")
+        for grandchild in grandchildren:
+            pool.qemu_img.set_backing(pool.layout.layer_path(grandchild.id), parent_path)
+            pool._crash_point("merge-commit:after-repoint")
     with pool.catalog.transaction() as tx:
-        refs = tx.references(parent.id)
-        now = tx.layer(child.id)
-        if (refs != (0, 0, 1) or now is None or now.virtual_size != child.virtual_size
-                or tx.children(child.id) or tx.pinned_elsewhere(parent.id, intent)):
-            # Something changed while we merged: the child still reads the
-            # same (it covers every cluster the commit wrote), so just stop.
-            tx.drop_intent(intent)
-            log.info("layer %s: merge into %s abandoned, references changed", child.id, parent.id)
-            return
-        tx.retarget_top(child.id, parent.id)
-        tx.retarget_snapshots(child.id, parent.id)
-        tx.run("UPDATE layers SET read_only = ?, virtual_size = ? WHERE id = ?",
-               (int(child.read_only), child.virtual_size, parent.id))
+        done = _finish_commit(tx, intent, child.id, parent.id, [g.id for g in grandchildren],
+                              max(parent.virtual_size, child.virtual_size))
+    log.info("layer %s: %s into %s (depth %d -> %d)%s", child.id,
+             "committed" if done else "commit cut short (references changed)", parent.id,
+             child.depth, parent.depth, f" through volume {via.volume_id}" if via else "")
+
+
+def _finish_commit(tx: Tx, intent: int, child_id: str, parent_id: str, repointed: list[str],
+                   parent_size: int) -> bool:
+    """Record a completed commit: the repointed children follow their
+    headers and, unless the parent gained other references meanwhile, the
+    parent takes the child's place.  Drops the intent.
+
+    :returns: whether the parent took the child's place.
+    """
+    for grandchild in repointed:
+        tx.reparent(grandchild, parent_id)
+    if tx.references(parent_id)[:2] != (0, 0) or tx.pinned_elsewhere(parent_id, intent):
+        # Every cluster the commit wrote is covered by the child, so
+        # everything still reads the same; the child simply stays.
+        tx.set_layer_size(parent_id, parent_size)
         tx.drop_intent(intent)
-    log.info("layer %s: committed into %s (depth %d -> %d)", child.id, parent.id, child.depth,
-             parent.depth)
+        return False
+    child = tx.need_layer(child_id)
+    tx.retarget_top(child_id, parent_id)
+    tx.retarget_snapshots(child_id, parent_id)
+    tx.run("UPDATE layers SET read_only = ?, virtual_size = ? WHERE id = ?",
+           (int(child.read_only), child.virtual_size, parent_id))
+    tx.drop_intent(intent)
+    return True
 
 
 def _rebase(pool: "Pool", layer: Layer, new_parent: str | None, *, reason: str,
@@ -288,13 +323,31 @@ def recover_merge(pool: "Pool", intent: Intent) -> None:
     """
     body: dict[str, Any] = intent.body
     if intent.kind == "merge-commit":
-        # The parent may have been grown before the commit; only its child
-        # reads it, but the catalog must say how big the file is.
-        parent_size = pool.qemu_img.info(pool.layout.layer_path(body["parent"])).virtual_size
+        # A child's header is repointed only after the commit completed, so
+        # once every child names the parent the commit is finished and is
+        # recorded as such; children that name it already follow their
+        # headers either way; anything less is forgotten and redone by a
+        # later pass.  The parent may have been grown before the commit: the
+        # catalog must say how big the file is.
+        parent_path = pool.layout.layer_path(body["parent"])
+        parent_size = pool.qemu_img.info(parent_path).virtual_size
+        grandchildren = body.get("grandchildren", [])
+        moved = []
+        for grandchild in grandchildren:
+            path = pool.layout.layer_path(grandchild)
+            if pool.qemu_img.info(path).backing_filename == os.path.relpath(parent_path, path.parent):
+                moved.append(grandchild)
         with pool.catalog.transaction() as tx:
+            if grandchildren and len(moved) == len(grandchildren):
+                _finish_commit(tx, intent.id, body["child"], body["parent"], moved, parent_size)
+                log.info("recovery: finished merge of %s into %s", body["child"], body["parent"])
+                return
             tx.set_layer_size(body["parent"], parent_size)
+            for grandchild in moved:
+                tx.reparent(grandchild, body["parent"])
             tx.drop_intent(intent.id)
-        log.info("recovery: forgot interrupted merge of %s into %s", body["child"], body["parent"])
+        log.info("recovery: forgot interrupted merge of %s into %s (%d children repointed)",
+                 body["child"], body["parent"], len(moved))
         return
     if intent.kind != "merge-rebase":
         raise EngineError(f"intent {intent.id} has unknown kind {intent.kind!r}")

@@ -309,9 +309,11 @@ class RebaseFlatten(Scenario):
         Maintainer(pool).run_once()
 
 
-class RebaseCollapse(Scenario):
-    """s1 deleted while s2 (cut after it) and the volume's top sit on it:
-    s2's layer, which has a child, is rebased past s1's layer."""
+class CommitRepoint(Scenario):
+    """s1 (the base) deleted while s2 (cut after it) and the volume's top
+    sit on it: s2's layer is committed into s1's, which takes its place,
+    and the volume's top is repointed onto it (rebasing past a base would
+    copy the whole base)."""
 
     def prepare(self, kit, pool, w):
         s2 = pool.create_snapshot("s2", w.ids["vol"])
@@ -325,15 +327,46 @@ class RebaseCollapse(Scenario):
         return {"op": "maintain"}
 
     def happened(self, pool, w):
-        return kit_layers(pool)[w.layers["s2"]].parent is None
+        return pool.get_snapshot(w.ids["s2"]).layer == w.layers["s1"]
 
     def check_done(self, kit, pool, w):
         layers = kit.catalog_layers(pool)
-        assert layers[w.layers["s2"]].parent is None and layers[w.layers["s2"]].depth == 1
+        vol_top = pool.get_volume(w.ids["vol"]).top_layer
+        assert layers[vol_top].parent == w.layers["s1"] and layers[vol_top].depth == 2
+        assert layers[w.layers["s1"]].depth == 1
 
     def retry(self, kit, pool, w):
         Maintainer(pool).run_once()
-        assert w.layers["s1"] not in kit.catalog_layers(pool)
+        assert w.layers["s2"] not in kit.catalog_layers(pool)
+
+
+class RebaseCollapse(Scenario):
+    """s2 deleted while s3 (cut after it, holding more data than s2) and the
+    volume's top sit on it: s3's layer, which has a child, is rebased past
+    s2's layer onto s1's."""
+
+    def prepare(self, kit, pool, w):
+        s2 = pool.create_snapshot("s2", w.ids["vol"])
+        kit.write_regions(top(pool, w.ids["vol"]), {r: 0xC5 for r in range(20, 26)})
+        w.contents["vol"].update({r: 0xC5 for r in range(20, 26)})
+        s3 = pool.create_snapshot("s3", w.ids["vol"])
+        w.ids["s3"] = s3.id
+        w.layers["s3"] = s3.layer
+        w.contents["s3"] = dict(w.contents["vol"])
+        kit.write_regions(top(pool, w.ids["vol"]), {17: 0xC4})
+        w.contents["vol"][17] = 0xC4
+        pool.delete_snapshot(s2.id)
+        return {"op": "maintain"}
+
+    def happened(self, pool, w):
+        return kit_layers(pool)[w.layers["s3"]].parent == w.layers["s1"]
+
+    def check_done(self, kit, pool, w):
+        layers = kit.catalog_layers(pool)
+        assert layers[w.layers["s3"]].parent == w.layers["s1"] and layers[w.layers["s3"]].depth == 2
+
+    def retry(self, kit, pool, w):
+        Maintainer(pool).run_once()
 
 
 class Reclaim(Scenario):
@@ -392,6 +425,10 @@ CASES: list[tuple[str, str, bool]] = [
     ("merge-commit:after-file", "merge-commit", False),
     ("merge-commit:after-intent", "merge-commit-grown", False),
     ("merge-commit:after-file", "merge-commit-grown", False),
+    # Once every child names the parent, the commit was complete: finished.
+    ("merge-commit:after-intent", "commit-repoint", False),
+    ("merge-commit:after-file", "commit-repoint", False),
+    ("merge-commit:after-repoint", "commit-repoint", True),
     ("merge-rebase:after-intent", "rebase-flatten", False),
     ("merge-rebase:after-file", "rebase-flatten", True),
     ("merge-rebase:after-intent", "rebase-collapse", False),
@@ -409,6 +446,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "merge-commit-grown": MergeCommitGrown,
     "rebase-flatten": RebaseFlatten,
     "rebase-collapse": RebaseCollapse,
+    "commit-repoint": CommitRepoint,
     "reclaim": Reclaim,
 }
 

@@ -135,7 +135,10 @@ def test_collapse_commit_into_a_smaller_parent(kit, pool: Pool) -> None:
     kit.expect_volume(pool, v.id, {**{r: 0xB0 for r in range(16)}, 17: 0xB1})
 
 
-def test_collapse_rebases_a_large_child_past_its_parent(kit, pool: Pool) -> None:
+def test_collapse_never_rebases_past_a_base(kit, pool: Pool) -> None:
+    """A large child on a base: rebasing it onto nothing would copy the
+    whole base, so the child is committed into the base instead, however
+    large it is."""
     v = pool.create_volume("v", required_bytes=2 * MIB)
     kit.write(top(pool, v.id), 0xC0, 0, REGION)
     s = pool.create_snapshot("s", v.id)
@@ -143,11 +146,12 @@ def test_collapse_rebases_a_large_child_past_its_parent(kit, pool: Pool) -> None
     kit.write(top(pool, v.id), 0xC1, REGION, 1 * MIB)
     pool.delete_snapshot(s.id)
     Maintainer(pool).run_once()
-    # The child stays the top, now without backing; the parent is gone.
-    assert pool.get_volume(v.id).top_layer == child
+    # The base takes the child's place as the top; the child is gone.
+    assert pool.get_volume(v.id).top_layer == s.layer
     layers = kit.catalog_layers(pool)
-    assert set(layers) == {child} and layers[child].parent is None and layers[child].depth == 1
-    assert not pool.layer_path(s.layer).exists()
+    assert set(layers) == {s.layer} and layers[s.layer].parent is None
+    assert layers[s.layer].depth == 1 and not layers[s.layer].read_only
+    assert not pool.layer_path(child).exists()
     kit.check_pool(pool)
     kit.check_idle(pool)
     kit.expect_volume(pool, v.id, {0: 0xC0, **{r: 0xC1 for r in range(1, 17)}})
@@ -161,7 +165,8 @@ def test_collapse_rebases_a_middle_layer(kit, pool: Pool) -> None:
     s0 = pool.create_snapshot("s0", v.id)
     kit.write(top(pool, v.id), 0xD1, 0, REGION)
     s1 = pool.create_snapshot("s1", v.id)
-    kit.write(top(pool, v.id), 0xD2, REGION, REGION)
+    # s2's layer holds more than s1's: rebasing it is the cheaper merge.
+    kit.write(top(pool, v.id), 0xD2, REGION, 2 * REGION)
     s2 = pool.create_snapshot("s2", v.id)
     kit.write(top(pool, v.id), 0xD3, 2 * REGION, REGION)
     pool.delete_snapshot(s1.id)
@@ -173,12 +178,12 @@ def test_collapse_rebases_a_middle_layer(kit, pool: Pool) -> None:
     kit.check_idle(pool)
     base = {r: 0xD0 for r in range(16)}
     kit.expect_snapshot(pool, s0.id, base)
-    kit.expect_snapshot(pool, s2.id, {**base, 0: 0xD1, 1: 0xD2})
+    kit.expect_snapshot(pool, s2.id, {**base, 0: 0xD1, 1: 0xD2, 2: 0xD2})
     kit.expect_volume(pool, v.id, {**base, 0: 0xD1, 1: 0xD2, 2: 0xD3})
     # Deleting the first snapshot too: everything folds, contents unchanged.
     pool.delete_snapshot(s0.id)
     Maintainer(pool).run_once()
     kit.check_pool(pool)
     kit.check_idle(pool)
-    kit.expect_snapshot(pool, s2.id, {**base, 0: 0xD1, 1: 0xD2})
+    kit.expect_snapshot(pool, s2.id, {**base, 0: 0xD1, 1: 0xD2, 2: 0xD2})
     kit.expect_volume(pool, v.id, {**base, 0: 0xD1, 1: 0xD2, 2: 0xD3})
