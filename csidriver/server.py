@@ -9,6 +9,7 @@ until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import re
@@ -430,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=options.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
+    # SIGUSR1 dumps every thread's stack to the log: how to see where a
+    # driver that does not stop (or answer) is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: stop.set())

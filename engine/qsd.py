@@ -547,7 +547,16 @@ class StorageDaemon:
                     raise DaemonStartError(f"qemu-storage-daemon did not open {self.socket} in"
                                            f" {self.start_timeout:.0f}s: {self._log_tail()}")
                 time.sleep(0.005)
-            client = self._connect(max(0.5, deadline - time.monotonic()))
+            # The socket file appears at bind(), a moment before listen():
+            # a connection refused in between is retried until the deadline.
+            while True:
+                try:
+                    client = self._connect(max(0.5, deadline - time.monotonic()))
+                    break
+                except DaemonStartError:
+                    if not process.alive() or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         except BaseException:
             _kill(process)
             raise

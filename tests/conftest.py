@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 sys.modules.setdefault("rootconf", sys.modules[__name__])
 
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
+STOP_TIMEOUT = 30.0
 # Every call gets this deadline unless it sets its own, so that a hung
 # server fails one test instead of hanging the run.
 CALL_TIMEOUT = 60.0
@@ -179,8 +179,13 @@ class Driver:
             try:
                 process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
+                # Leave the stuck threads' stacks in the log, then kill.
+                process.send_signal(signal.SIGUSR1)
+                time.sleep(0.5)
                 process.kill()
                 process.wait()
+                sys.stderr.write(f"server did not stop in {STOP_TIMEOUT:.0f}s; its log ends:\n"
+                                 + self.log_path.read_text(errors="replace")[-6000:])
         return process.returncode
 
     def kill(self) -> None:
