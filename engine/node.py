@@ -20,7 +20,6 @@ moment the QSD dies.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -33,7 +32,7 @@ from engine.devices import DeviceError, Devices
 from engine.errors import AlreadyExists, EngineError, FailedPrecondition, InvalidArgument, NotFound
 from engine.model import Owner, Publication, Staging, Volume
 from engine.pool import Pool
-from engine.qsd import Cut, StorageDaemon
+from engine.qsd import Cut, StorageDaemon, is_dead_mount
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ class Node:
         # devices on them show the export's path and can be found and
         # detached.  Afterwards they show "/" and would be left behind.
         for staging in stagings:
-            if staging.device and _dead_export(Path(staging.export_path)):
+            if staging.device and is_dead_mount(Path(staging.export_path)):
                 try:
                     with self.pool.hold(f"volume:{staging.volume_id}"):
                         self._drop_stale_device(staging)
@@ -587,15 +586,6 @@ class Node:
     def _publications(self, volume_id: str) -> list[Publication]:
         with self.pool.catalog.reading() as tx:
             return tx.publications(volume_id)
-
-
-def _dead_export(export: Path) -> bool:
-    """Whether ``export`` is a FUSE export whose daemon is gone."""
-    try:
-        os.stat(export)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
 
 
 def _same_staging(a: Staging, b: Staging) -> bool:

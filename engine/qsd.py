@@ -368,7 +368,7 @@ def fuse_mounts() -> set[Path]:
     return found
 
 
-def _is_dead_mount(path: Path) -> bool:
+def is_dead_mount(path: Path) -> bool:
     """Whether ``path`` is a FUSE mount whose daemon is gone."""
     try:
         os.stat(path)
@@ -1034,7 +1034,7 @@ class StorageDaemon:
                 where = f"at {record.path} ({'writable' if record.writable else 'read-only'})" \
                     if record else "(unknown path)"
                 raise AlreadyExists(f"volume {volume_id} is already exported {where}")
-            if _is_dead_mount(path):
+            if is_dead_mount(path):
                 # Left by a killed daemon; a live mount (another export) is
                 # left alone and QEMU refuses to mount over it.
                 log.info("volume %s: removing the stale FUSE mount %s", volume_id, path)
