@@ -85,6 +85,13 @@ def _skey(snapshot_id: str) -> str:
     return f"snapshot:{snapshot_id}"
 
 
+def top_file_key(volume_id: str) -> str:
+    """The lock on the file of a volume's top: taken by the requests and
+    merges that open it (expansion, a merge rewriting it), not by cuts,
+    which only write new files."""
+    return f"volume-top:{volume_id}"
+
+
 class Pool:
     """A pool of qcow2 layers under one directory, with its catalog.
 
@@ -462,7 +469,7 @@ class Pool:
         """
         if not validate.check_id("volume", volume_id):
             raise NotFound(f"volume {volume_id} does not exist")
-        with self.hold(_vkey(volume_id)):
+        with self.hold(_vkey(volume_id), top_file_key(volume_id)):
             volume = self.get_volume(volume_id)
             if required_bytes <= volume.size_bytes and (not limit_bytes or volume.size_bytes <= limit_bytes):
                 return volume

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from engine.catalog import Intent, Tx
 from engine.errors import Busy, EngineError
 from engine.model import Layer, Owner
+from engine.pool import top_file_key
 
 if TYPE_CHECKING:
     from engine.pool import Pool
@@ -131,17 +132,18 @@ def _route(openers: dict[str, list[_Opener]], layers: list[str]) -> _Route | Non
 
 
 def _holders(pool: "Pool", layers: list[str]) -> list[str]:
-    """Lock keys of the volumes whose top is one of ``layers``.
+    """Lock keys of the top files among ``layers``.
 
     Only those need excluding: expansion is the one request that opens an
     existing layer file (the top).  Cuts, restores and clones only write new
     files, and a merge re-checks the references in its final transaction,
-    so it needs no lock against them.
+    so it needs no lock against them: a cut never waits for a merge.
     """
     keys: list[str] = []
     with pool.catalog.reading() as tx:
         for layer in layers:
-            keys += [f"volume:{r['id']}" for r in tx.all("SELECT id FROM volumes WHERE top = ?", (layer,))]
+            keys += [top_file_key(r["id"])
+                     for r in tx.all("SELECT id FROM volumes WHERE top = ?", (layer,))]
     return keys
 
 
