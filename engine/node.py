@@ -138,7 +138,7 @@ class Node:
     def _supervise(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                if not self.qsd.alive():
+                if not self.qsd.alive() and self._any_staged():
                     log.error("qemu-storage-daemon died: re-serving every staged volume")
                     self.recover()
             except Exception:  # keep watching; the next round retries
@@ -166,6 +166,9 @@ class Node:
                 except EngineError as e:
                     log.warning("volume %s: taking down the dead export's devices: %s",
                                 staging.volume_id, e)
+        if not stagings:
+            # Nothing to serve: the daemon starts with the first staging.
+            return
         fresh = self.qsd.ensure_running()
         failures = []
         for staging in stagings:
@@ -582,6 +585,10 @@ class Node:
             raise FailedPrecondition(f"volume {volume_id} is staged at {staging.staging_path}, "
                                      f"not {staging_path}")
         return staging
+
+    def _any_staged(self) -> bool:
+        with self.pool.catalog.reading() as tx:
+            return bool(tx.stagings())
 
     def _publications(self, volume_id: str) -> list[Publication]:
         with self.pool.catalog.reading() as tx:
