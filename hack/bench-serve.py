@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Throughput of a served volume against its raw qcow2 file, with one tool.
+
+`qemu-img bench` runs the same I/O pattern (queue depth 16) on (a) the
+volume's top qcow2 file, closed, opened by qemu-img itself with the cache
+mode qemu-storage-daemon uses (writeback), and (b) the block device the node
+serves for it (qemu-storage-daemon FUSE export -> loop device), opened with
+O_DIRECT so the loop device's own page cache does not flatter it; at chain
+depth 1 and at the depth cap, with every byte of the volume written.  Patterns:
+sequential 1 MiB reads and writes, and 4 KiB reads and writes strided
+through the volume (qemu-img bench has no random mode; a 1 MiB + 4 KiB
+stride touches a new cluster each time, which is what random I/O costs a
+qcow2).  Run as root on an idle machine:
+
+    .venv/bin/python hack/bench-serve.py [--size 1G] [--depth-cap 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from csidriver.units import parse_size  # noqa: E402
+from engine.node import BLOCK, Access, Node  # noqa: E402
+from engine.pool import Pool, PoolConfig  # noqa: E402
+
+STRIDE = (1 << 20) + 4096
+
+
+def patterns(size: int) -> list[tuple[str, list[str], bool]]:
+    """(name, qemu-img bench count/size/step arguments, write?) for a volume
+    of ``size`` bytes; every pattern stays inside the volume."""
+    seq = str(min(1024, size // (1 << 20)))
+    strided = str(min(8192, size // STRIDE - 1))
+    return [
+        ("seq read 1M", ["-c", seq, "-s", "1M"], False),
+        ("seq write 1M", ["-c", seq, "-s", "1M"], True),
+        ("strided read 4K", ["-c", strided, "-s", "4K", "-S", str(STRIDE)], False),
+        ("strided write 4K", ["-c", strided, "-s", "4K", "-S", str(STRIDE)], True),
+    ]
+
+
+def bench(target: str, fmt: str, args: list[str], write: bool, *, cache: str) -> float:
+    """MiB/s of one qemu-img bench run."""
+    subprocess.run(["sync"], check=True)
+    cmd = ["qemu-img", "bench", "-f", fmt, "-t", cache, "-d", "16", *args]
+    if write:
+        cmd += ["-w", "--pattern", "90"]
+    done = subprocess.run(cmd + [target], capture_output=True, text=True, check=True)
+    seconds = float(re.search(r"Run completed in ([0-9.]+) seconds", done.stdout)[1])  # type: ignore[index]
+    count = int(args[args.index("-c") + 1])
+    size = parse_size(args[args.index("-s") + 1])
+    return count * size / seconds / (1 << 20)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="2G", help="volume size (default 2G)")
+    p.add_argument("--depth-cap", type=int, default=16)
+    args = p.parse_args()
+    size = parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="qsnap-bench-serve-", dir="/tmp"))
+    pool = Pool.open(work / "pool", config=PoolConfig(depth_cap=args.depth_cap))
+    node = Node(pool, work / "run")
+    node.start()
+    print(f"{'pattern':18} {'depth':>5} {'raw qcow2 MiB/s':>16} {'served MiB/s':>13} {'served/raw':>10}")
+    try:
+        for depth in (1, args.depth_cap):
+            volume = pool.create_volume(f"bench-{depth}", required_bytes=size)
+            # Every byte written, a slice per layer: reads cross the whole
+            # chain and none is answered from an unallocated cluster.
+            for i in range(depth):
+                top = pool.layer_path(pool.get_volume(volume.id).top_layer)
+                start, length, chunk = i * (size // depth), size // depth, 256 << 20
+                commands = []
+                for offset in range(start, start + length, chunk):
+                    n = min(chunk, start + length - offset)
+                    commands += ["-c", f"write -P {i + 1} {offset} {n}"]
+                subprocess.run(["qemu-io", "-f", "qcow2", *commands, str(top)],
+                               check=True, capture_output=True)
+                if i < depth - 1:
+                    pool.create_snapshot(f"b{depth}-{i}", volume.id)
+            top = pool.layer_path(pool.get_volume(volume.id).top_layer)
+            # The daemon opens images with QEMU's default cache mode
+            # (writeback, through the host page cache): the raw side uses it too.
+            raw = {name: bench(str(top), "qcow2", a, w, cache="writeback")
+                   for name, a, w in patterns(size)}
+            node.stage(volume.id, work / f"stage{depth}", Access(BLOCK))
+            device = node._staging(volume.id).device
+            for name, a, w in patterns(size):
+                served = bench(device, "raw", a, w, cache="none")
+                print(f"{name:18} {depth:>5} {raw[name]:>16.0f} {served:>13.0f} "
+                      f"{served / raw[name]:>9.0%}")
+            node.unstage(volume.id, work / f"stage{depth}")
+    finally:
+        node.stop()
+        with pool.catalog.reading() as tx:
+            leftovers = tx.stagings()
+        for staging in leftovers:
+            node.unstage(staging.volume_id, Path(staging.staging_path))
+        node.shutdown()
+        pool.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
