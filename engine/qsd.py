@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 
+from engine.devices import parse_mountinfo
 from engine.errors import (AlreadyExists, Busy, FailedPrecondition, ImageError,
                            InvalidArgument, NotFound, OutOfRange)
 
@@ -352,20 +353,11 @@ class _VolumeLocks:
 
 # -- mounts ------------------------------------------------------------------
 
-def _unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def fuse_mounts() -> set[Path]:
     """Mount points of FUSE file systems in this process's mount namespace."""
-    found: set[Path] = set()
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            before, _, after = line.partition(" - ")
-            fields = before.split()
-            if len(fields) >= 5 and after.split(" ", 1)[0].startswith("fuse"):
-                found.add(Path(_unescape_mountinfo(fields[4])))
-    return found
+        mounts = parse_mountinfo(f.read())
+    return {Path(m.mount_point) for m in mounts if m.fs_type.startswith("fuse")}
 
 
 def is_dead_mount(path: Path) -> bool:
