@@ -1,9 +1,7 @@
-"""The one adapter that talks to libvirt: finding the running domains that
-use a snapshot's volumes, and freezing their guests' filesystems through the
-QEMU guest agent around a cut.
+"""Freezing guests' filesystems through the QEMU guest agent around a cut.
 
-Everything libvirt-specific lives here (``libvirt-python``; the URI is
-configurable, ``qemu:///system`` by default).  The rules it enforces:
+Every libvirt call goes through the libvirt adapter (``engine/virt.py``);
+this module holds the freeze's rules:
 
 * a guest is **always** thawed: ``dom.fsThaw()`` runs in a ``finally``, with
   no mountpoint list (libvirt rejects a list for thaw), and a watchdog
@@ -17,8 +15,8 @@ configurable, ``qemu:///system`` by default).  The rules it enforces:
   ``guest-ping`` with a short timeout, and the policy decides whether the
   cut goes on crash-consistent (``preferred``) or fails (``required``).
 
-The adapter holds no global state: each :class:`Freezer` has its own
-connection, each :meth:`Freezer.frozen` call its own session and watchdog.
+No global state: each :class:`Freezer` has its own hypervisor connection,
+each :meth:`Freezer.frozen` call its own session and watchdog.
 """
 
 from __future__ import annotations
@@ -29,20 +27,22 @@ import json
 import logging
 import os
 import re
-import stat
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError, FailedPrecondition, InvalidArgument
+from engine.virt import (DEFAULT_URI, DomainError, DomainState, DomainUse, Hypervisor,
+                         HypervisorUnavailable, NoSuchDomain, disk_sources)
+
+__all__ = ["DEFAULT_URI", "DomainUse", "Freezer", "FreezeSession", "HypervisorUnavailable",
+           "Indication", "Policy", "disk_sources", "parse_deadline"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = "qemu:///system"
 # Long enough for an agent under TCG that is busy flushing; short enough
 # that a dead agent costs the snapshot little (libvirt itself waits ~5 s).
 DEFAULT_PING_TIMEOUT_S = 2
@@ -55,10 +55,6 @@ STATE_VERSION = 1
 
 class FreezeError(EngineError):
     """libvirt or a guest agent failed while coordinating a freeze."""
-
-
-class HypervisorUnavailable(FreezeError):
-    """The libvirt daemon cannot be reached at the configured URI."""
 
 
 class GuestAgentUnavailable(FailedPrecondition, FreezeError):
@@ -146,19 +142,6 @@ def parse_deadline(text: str | None) -> float | None:
 
 # -- records ----------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DomainUse:
-    """A running (or paused) domain with disks on some of the given volumes."""
-
-    name: str
-    uuid: str
-    volume_ids: tuple[str, ...]
-    targets: tuple[str, ...]     # the domain's disk targets (vda, sdb, ...)
-
-    def label(self) -> str:
-        return f"domain {self.name} (volumes {', '.join(self.volume_ids)})"
-
-
 @dataclass
 class DomainFreeze:
     """The outcome for one domain in a freeze session."""
@@ -214,88 +197,28 @@ class FreezeSession:
 
 # -- the adapter ------------------------------------------------------------
 
-def _libvirt() -> Any:
-    """Import libvirt-python lazily: the rest of the engine works without it.
-
-    :raises HypervisorUnavailable: the package is not installed.
-    """
-    try:
-        import libvirt
-    except ImportError as e:
-        raise HypervisorUnavailable(
-            "libvirt-python is not installed (pip install libvirt-python)") from e
-    return libvirt
-
-
-def _path_keys(path: str) -> set[tuple[Any, ...]]:
-    """Identities of a file or device: its real path, and its inode or
-    device number when it exists, so that a symlink, a bind mount or a
-    second device node of the same disk all match."""
-    keys: set[tuple[Any, ...]] = {("path", os.path.realpath(path))}
-    try:
-        st = os.stat(path)
-    except OSError:
-        return keys
-    if stat.S_ISBLK(st.st_mode):
-        keys.add(("blk", st.st_rdev))
-    else:
-        keys.add(("ino", st.st_dev, st.st_ino))
-    return keys
-
-
-def disk_sources(domain_xml: str) -> list[tuple[str, str]]:
-    """``(target dev, source path)`` for every file or block source of a
-    domain's disks, backing chain included (a domain that opens a volume's
-    qcow2 layers directly names them in ``<backingStore>``)."""
-    root = ET.fromstring(domain_xml)
-    found: list[tuple[str, str]] = []
-    for disk in root.iterfind("./devices/disk"):
-        target = disk.find("target")
-        dev = target.get("dev", "") if target is not None else ""
-        for source in disk.iter("source"):
-            path = source.get("file") or source.get("dev")
-            if path:
-                found.append((dev, path))
-    return found
-
-
 class Freezer:
     """Coordinates guest freezes through one libvirt connection.
 
-    :param uri: the libvirt URI (``qemu:///system`` by default).
+    :param hypervisor: the libvirt adapter, or a URI to open one on
+        (``qemu:///system`` by default); a URI-made one is closed by
+        :meth:`close`.
     :param ping_timeout_s: how long an agent may take to answer ``guest-ping``.
     """
 
-    def __init__(self, uri: str = DEFAULT_URI, *,
+    def __init__(self, hypervisor: Hypervisor | str = DEFAULT_URI, *,
                  ping_timeout_s: int = DEFAULT_PING_TIMEOUT_S) -> None:
-        self.uri = uri
+        self._owns_hypervisor = isinstance(hypervisor, str)
+        self.hypervisor = Hypervisor(hypervisor) if isinstance(hypervisor, str) else hypervisor
         self.ping_timeout_s = max(1, int(ping_timeout_s))
-        self._conn: Any = None
-        self._conn_lock = threading.Lock()
 
-    # -- connection --------------------------------------------------------
-
-    def connection(self) -> Any:
-        """The libvirt connection, opened on first use.
-
-        :raises HypervisorUnavailable: libvirt cannot be reached.
-        """
-        libvirt = _libvirt()
-        with self._conn_lock:
-            if self._conn is None or not self._conn.isAlive():
-                try:
-                    self._conn = libvirt.open(self.uri)
-                except libvirt.libvirtError as e:
-                    raise HypervisorUnavailable(
-                        f"cannot connect to libvirt at {self.uri}: {e.get_error_message()}") from e
-            return self._conn
+    @property
+    def uri(self) -> str:
+        return self.hypervisor.uri
 
     def close(self) -> None:
-        with self._conn_lock:
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                self._conn = None
+        if self._owns_hypervisor:
+            self.hypervisor.close()
 
     def __enter__(self) -> Freezer:
         return self
@@ -303,72 +226,14 @@ class Freezer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lookup(self, use: DomainUse) -> Any:
-        """The libvirt domain object of ``use`` (by UUID, so a renamed or
-        redefined domain of the same name is never mistaken for it).
-
-        :raises HypervisorUnavailable: libvirt cannot be reached.
-        :raises FreezeError: no such domain.
-        """
-        libvirt = _libvirt()
-        try:
-            return self.connection().lookupByUUIDString(use.uuid)
-        except libvirt.libvirtError as e:
-            raise FreezeError(f"{use.label()}: {e.get_error_message()}") from e
-
-    # -- discovery -----------------------------------------------------------
-
     def domains_using(self, volumes: Mapping[str, Iterable[str | os.PathLike[str]]]
                       ) -> list[DomainUse]:
-        """The active domains (running or paused) whose disks use any of the
-        given paths.  ``volumes`` maps a volume ID to its paths: the device
-        qsnap serves, and/or the volume's qcow2 layer files.
+        """The active domains whose disks use any of the given paths
+        (:meth:`Hypervisor.domains_using`).
 
         :raises HypervisorUnavailable: libvirt cannot be reached.
         """
-        libvirt = _libvirt()
-        wanted: dict[tuple[Any, ...], str] = {}
-        for volume_id, paths in volumes.items():
-            for p in paths:
-                for key in _path_keys(os.fspath(p)):
-                    wanted[key] = volume_id
-        conn = self.connection()
-        try:
-            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        except libvirt.libvirtError as e:
-            raise HypervisorUnavailable(f"listing domains at {self.uri}: {e.get_error_message()}") from e
-        uses: list[DomainUse] = []
-        for dom in domains:
-            try:
-                xml = dom.XMLDesc(0)
-                name, uuid = dom.name(), dom.UUIDString()
-            except libvirt.libvirtError:
-                continue    # it stopped while we looked: not a user any more
-            volume_ids: list[str] = []
-            targets: list[str] = []
-            for target, source in disk_sources(xml):
-                hits = {wanted[k] for k in _path_keys(source) if k in wanted}
-                for volume_id in sorted(hits):
-                    if volume_id not in volume_ids:
-                        volume_ids.append(volume_id)
-                    if target and target not in targets:
-                        targets.append(target)
-            if volume_ids:
-                uses.append(DomainUse(name, uuid, tuple(volume_ids), tuple(targets)))
-        return uses
-
-    def guest_agent_available(self, dom: Any) -> bool:
-        """Whether the domain's guest agent answers a ``guest-ping`` within
-        the ping timeout.  Never raises: any failure means "no agent"."""
-        libvirt = _libvirt()
-        try:
-            import libvirt_qemu
-            libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}',
-                                          self.ping_timeout_s, 0)
-            return True
-        except (ImportError, libvirt.libvirtError) as e:
-            log.info("guest agent of domain %s does not answer: %s", _dom_name(dom), e)
-            return False
+        return self.hypervisor.domains_using(volumes)
 
     # -- freezing ------------------------------------------------------------
 
@@ -397,29 +262,28 @@ class Freezer:
             in ``state_file`` for :meth:`thaw_leftovers`.
         :raises HypervisorUnavailable: libvirt cannot be reached.
         """
-        libvirt = _libvirt()
+        hv = self.hypervisor
         if deadline_s is not None and deadline_s <= 0:
             deadline_s = None
         session = FreezeSession(policy=policy, deadline_s=deadline_s,
                                 started_at=time.monotonic())
         to_freeze: list[tuple[DomainFreeze, Any]] = []
-        conn = self.connection()
         for use in uses:
             try:
-                dom = conn.lookupByUUIDString(use.uuid)
-                state, _reason = dom.state()
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    # A transient domain that stopped since it was found.
-                    log.info("%s no longer exists: offline cut, no freeze", use.label())
-                    continue
-                raise FreezeError(f"{use.label()}: {e.get_error_message()}") from e
-            if state not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
+                dom = hv.lookup(use.uuid)
+                state = hv.state(dom)
+            except NoSuchDomain:
+                # A transient domain that stopped since it was found.
+                log.info("%s no longer exists: offline cut, no freeze", use.label())
+                continue
+            except DomainError as e:
+                raise FreezeError(f"{use.label()}: {e.detail}") from e
+            if state not in (DomainState.RUNNING, DomainState.PAUSED):
                 log.info("%s is not running: offline cut, no freeze", use.label())
                 continue
             result = DomainFreeze(use, [Indication.ONLINE])
             session.domains.append(result)
-            if state == libvirt.VIR_DOMAIN_PAUSED:
+            if state is DomainState.PAUSED:
                 result.indications.append(Indication.PAUSED)
                 if policy is Policy.REQUIRED:
                     raise GuestAgentUnavailable(
@@ -429,7 +293,7 @@ class Freezer:
             if policy is Policy.DISABLED:
                 result.indications.append(Indication.QUIESCE_DISABLED)
                 continue
-            if not self.guest_agent_available(dom):
+            if not hv.agent_ping(dom, self.ping_timeout_s):
                 if policy is Policy.REQUIRED:
                     raise GuestAgentUnavailable(
                         f"{use.label()}: the guest agent does not answer (policy required); "
@@ -519,13 +383,12 @@ class Freezer:
 
         :raises FreezeFailed: the freeze failed and the policy is required.
         """
-        libvirt = _libvirt()
         t0 = time.monotonic()
         try:
-            count = dom.fsFreeze()
-        except libvirt.libvirtError as e:
+            count = self.hypervisor.fs_freeze(dom)
+        except DomainError as e:
             result.freeze_s = time.monotonic() - t0
-            result.error = e.get_error_message()
+            result.error = e.detail
             if policy is Policy.REQUIRED:
                 raise FreezeFailed(
                     f"{result.use.label()}: freezing its filesystems failed: {result.error}") from e
@@ -547,17 +410,16 @@ class Freezer:
 
         :raises ThawFailed: the agent did not thaw it.
         """
-        libvirt = _libvirt()
-        name = _dom_name(dom)
-        label = result.use.label() if result else f"domain {name}"
+        hv = self.hypervisor
+        label = result.use.label() if result else f"domain {hv.name(dom)}"
         t0 = time.monotonic()
         try:
-            dom.fsThaw()
-        except libvirt.libvirtError as e:
-            if not _is_active(dom):
+            hv.fs_thaw(dom)
+        except DomainError as e:
+            if not hv.is_active(dom):
                 log.info("%s stopped while frozen: nothing to thaw", label)
                 return
-            raise ThawFailed(f"{label}: thaw failed: {e.get_error_message()}") from e
+            raise ThawFailed(f"{label}: thaw failed: {e.detail}") from e
         if result is not None:
             result.thawed_at = time.monotonic()
             result.thaw_s = result.thawed_at - t0
@@ -574,7 +436,7 @@ class Freezer:
             is kept, naming only the domains still to thaw).
         :raises HypervisorUnavailable: libvirt cannot be reached.
         """
-        libvirt = _libvirt()
+        hv = self.hypervisor
         try:
             raw = json.loads(state_file.read_text())
             recorded = [DomainUse(d["name"], d["uuid"], tuple(d["volume_ids"]), ())
@@ -589,14 +451,17 @@ class Freezer:
         thawed: list[str] = []
         left: list[DomainUse] = []
         errors: list[str] = []
-        conn = self.connection()
         for use in recorded:
             try:
-                dom = conn.lookupByUUIDString(use.uuid)
-            except libvirt.libvirtError:
+                dom = hv.lookup(use.uuid)
+            except NoSuchDomain:
                 log.info("%s recorded as frozen no longer exists", use.label())
                 continue
-            if not _is_active(dom):
+            except DomainError as e:
+                errors.append(str(e))
+                left.append(use)
+                continue
+            if not hv.is_active(dom):
                 continue
             try:
                 self._thaw(dom, None, "left over by a previous freezer")
@@ -611,20 +476,6 @@ class Freezer:
         with contextlib.suppress(FileNotFoundError):
             state_file.unlink()
         return thawed
-
-
-def _dom_name(dom: Any) -> str:
-    try:
-        return str(dom.name())
-    except Exception:   # a dead connection must not hide the real error
-        return "?"
-
-
-def _is_active(dom: Any) -> bool:
-    try:
-        return bool(dom.isActive())
-    except Exception:
-        return False
 
 
 def _write_state(state_file: Path, uri: str, uses: list[DomainUse]) -> None:
