@@ -61,7 +61,8 @@ _PACKAGES = {
     "losetup": "util-linux", "blkid": "util-linux", "wipefs": "util-linux",
     "mount": "mount", "umount": "mount", "fsfreeze": "util-linux", "blockdev": "util-linux",
     "mkfs.ext4": "e2fsprogs", "resize2fs": "e2fsprogs", "e2fsck": "e2fsprogs",
-    "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
+    "dumpe2fs": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
+    "xfs_db": "xfsprogs",
 }
 
 # A mount flag is one option word, optionally with a value.  Commas would
@@ -546,6 +547,37 @@ class Devices:
             self._run("mkfs.xfs", ["-q", "-K", device],
                       what=f"make an xfs filesystem on {device}")
         log.info("made %s on %s", fs_type, device)
+
+    def filesystem_size(self, device: str, fs_type: str) -> tuple[int, int]:
+        """How far the filesystem on ``device`` reaches, from its superblock:
+        ``(bytes, block size)``.  Compared with :meth:`device_size` it says
+        whether the filesystem is smaller than its device (the volume grew
+        while the filesystem was not mounted).  ``dumpe2fs -h`` for ext4,
+        ``xfs_db -r`` (read-only) for xfs; both read a mounted device too.
+
+        :raises InvalidArgument: ``fs_type`` is not ext4 or xfs.
+        :raises NotFound: no such device.
+        :raises DeviceError: the tool failed, or its answer has no size.
+        """
+        _check_fs_type(fs_type)
+        self._require_block_device(device)
+        what = f"read the {fs_type} superblock on {device}"
+        if fs_type == "ext4":
+            done = self._run("dumpe2fs", ["-h", device], what=what)
+            sep = ":"
+            keys = ("Block count", "Block size")
+        else:
+            done = self._run("xfs_db", ["-r", "-c", "sb 0", "-c", "print dblocks blocksize",
+                                        device], what=what)
+            sep = "="
+            keys = ("dblocks", "blocksize")
+        fields = {key.strip(): value.strip() for key, _, value in
+                  (line.partition(sep) for line in done.stdout.splitlines())}
+        try:
+            blocks, block_size = (int(fields[k]) for k in keys)
+        except (KeyError, ValueError) as e:
+            raise DeviceError(f"{what}: no size in the answer", stderr=done.stdout) from e
+        return blocks * block_size, block_size
 
     def grow_filesystem(self, device: str, mountpoint: Path | None, fs_type: str) -> None:
         """Grow the filesystem on ``device`` to the device's size.  Growing

@@ -352,10 +352,21 @@ class Node:
                             staging.volume_id, stale, e)
 
     def _mount(self, staging: Staging, device: str) -> None:
+        """Mount the volume's filesystem (made first on a blank device) at
+        the staging path.  A filesystem smaller than its device -- the
+        volume was expanded while it was not staged -- is grown here, as the
+        CSI spec allows for offline expansion: ext4 before it is mounted
+        (``e2fsck -f -p`` and ``resize2fs``, which need no CAP_SYS_RESOURCE),
+        xfs once mounted (``xfs_growfs`` only grows a mounted filesystem).
+        A read-only staging grows nothing."""
         target = Path(staging.staging_path)
         info = self.devices.mount_info(target)
         source = self.devices.mount_source(target) if info is not None else None
         if source == device:
+            # A retried stage after xfs_growfs failed finds the mount made.
+            if info is not None and info.fs_type == "xfs" and self._smaller_than_device(
+                    staging, device, "xfs"):
+                self._grow_at_stage(staging, device, "xfs", target)
             return
         if info is not None:
             if not self._stale_device_of(staging, source):
@@ -365,6 +376,7 @@ class Node:
             # A dead mount of the device from before a QSD restart.
             self.devices.unmount(target, lazy=True)
         fs_type = staging.fs_type or DEFAULT_FS
+        grow = False
         if self.devices.is_blank(device):
             log.info("volume %s: making %s on blank %s", staging.volume_id, fs_type, device)
             self.devices.make_filesystem(device, fs_type)
@@ -374,9 +386,37 @@ class Node:
                 raise FailedPrecondition(f"volume {staging.volume_id} holds {found or 'data'}, "
                                          f"not {staging.fs_type}; it is never reformatted")
             fs_type = found or fs_type
+            grow = found in FS_TYPES and self._smaller_than_device(staging, device, fs_type)
+            if grow and fs_type == "ext4":
+                self._grow_at_stage(staging, device, fs_type, None)
         target.mkdir(parents=True, exist_ok=True)
         self.devices.mount(device, target, fs_type, list(staging.mount_flags),
                            read_only=staging.read_only)
+        if grow and fs_type == "xfs":
+            self._grow_at_stage(staging, device, fs_type, target)
+
+    def _smaller_than_device(self, staging: Staging, device: str, fs_type: str) -> bool:
+        """Whether the filesystem ends at least one of its blocks before the
+        device does (and the staging may write to grow it)."""
+        fs_bytes, block = self.devices.filesystem_size(device, fs_type)
+        device_bytes = self.devices.device_size(device)
+        if device_bytes - fs_bytes < block:
+            return False
+        if staging.read_only:
+            log.info("volume %s: its %s spans %d of the device's %d bytes; staged read-only, "
+                     "it is not grown", staging.volume_id, fs_type, fs_bytes, device_bytes)
+            return False
+        log.info("volume %s: its %s spans %d of the device's %d bytes (expanded while not "
+                 "staged); growing it", staging.volume_id, fs_type, fs_bytes, device_bytes)
+        return True
+
+    def _grow_at_stage(self, staging: Staging, device: str, fs_type: str,
+                       mountpoint: Path | None) -> None:
+        started = time.monotonic()
+        self.devices.grow_filesystem(device, mountpoint, fs_type)
+        log.info("volume %s: grew %s to its device's size at stage (%s, %.0f ms)",
+                 staging.volume_id, fs_type, "online" if mountpoint else "before mounting",
+                 (time.monotonic() - started) * 1000)
 
     def _take_down(self, staging: Staging) -> None:
         export = Path(staging.export_path)
@@ -510,9 +550,16 @@ class Node:
             volume = self.pool.get_volume(volume_id)
             size = self._refresh_device(staging, volume.size_bytes)
             if staging.access == MOUNT:
-                fs_type = self.devices.filesystem_type(staging.device) or staging.fs_type
-                self.devices.grow_filesystem(staging.device, Path(staging.staging_path),
-                                             fs_type or DEFAULT_FS)
+                fs_type = self.devices.filesystem_type(staging.device) or staging.fs_type \
+                    or DEFAULT_FS
+                fs_bytes, block = self.devices.filesystem_size(staging.device, fs_type)
+                if size - fs_bytes >= block:
+                    self.devices.grow_filesystem(staging.device, Path(staging.staging_path),
+                                                 fs_type)
+                else:
+                    # Grown at stage already (offline expansion): an online
+                    # resize2fs would need CAP_SYS_RESOURCE for nothing.
+                    log.info("volume %s: the %s already spans the device", volume_id, fs_type)
             log.info("volume %s: node expansion to %d bytes done", volume_id, size)
             return size
 
