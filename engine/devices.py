@@ -6,9 +6,11 @@ filesystem on it when it is blank, mounts it at the CSI staging path and
 bind-mounts it to publish targets.  Every host-side step of that goes
 through :class:`Devices`: ``losetup``, ``blkid``/``wipefs``, ``mkfs.ext4``/
 ``mkfs.xfs``, ``mount``/``umount``, ``fsfreeze``, ``resize2fs``/``e2fsck``/
-``xfs_growfs`` and ``blockdev``, plus ``os.statvfs`` and the parsing of
-``/proc/self/mountinfo``.  :func:`detect_transports` says which ways of
-exposing a volume as a block device this kernel offers.
+``xfs_growfs``, ``dumpe2fs``/``xfs_db`` (filesystem sizes), ``blockdev``
+and ``nbd-client`` (kernel NBD devices, where the kernel has them), plus
+``os.statvfs`` and the parsing of ``/proc/self/mountinfo``.
+:func:`detect_transports` says which ways of exposing a volume as a block
+device this kernel offers.
 
 Rules kept by every call:
 
@@ -62,8 +64,14 @@ _PACKAGES = {
     "mount": "mount", "umount": "mount", "fsfreeze": "util-linux", "blockdev": "util-linux",
     "mkfs.ext4": "e2fsprogs", "resize2fs": "e2fsprogs", "e2fsck": "e2fsprogs",
     "dumpe2fs": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
-    "xfs_db": "xfsprogs",
+    "xfs_db": "xfsprogs", "nbd-client": "nbd-client",
 }
+
+#: The scheme of a qemu-storage-daemon NBD export on a unix socket.
+NBD_SCHEME = "nbd+unix://"
+# The kernel's NBD block size for served volumes: the filesystems qsnap makes
+# use 4 KiB blocks, and smaller requests only multiply round trips.
+_NBD_BLOCK_SIZE = 4096
 
 # A mount flag is one option word, optionally with a value.  Commas would
 # smuggle extra options past validation; quotes, spaces and control
@@ -198,6 +206,50 @@ def detect_transports(root: Path = Path("/")) -> list[str]:
     return found
 
 
+def nbd_uri(socket: Path, name: str) -> str:
+    """``nbd+unix:///<name>?socket=<socket>``: an NBD export on a unix socket,
+    as QEMU's tools write it."""
+    return f"{NBD_SCHEME}/{name}?socket={socket}"
+
+
+def parse_nbd_uri(uri: str) -> tuple[Path, str]:
+    """The socket and export name of an ``nbd+unix://`` URI.
+
+    :raises InvalidArgument: not such a URI, or no socket or name in it.
+    """
+    if not uri.startswith(NBD_SCHEME + "/"):
+        raise InvalidArgument(f"{uri!r} is not an nbd+unix:// URI")
+    name, sep, query = uri[len(NBD_SCHEME) + 1:].partition("?socket=")
+    if not sep or not name or "/" in name or not query.startswith("/"):
+        raise InvalidArgument(f"{uri!r} does not name an export and an absolute socket path")
+    return Path(query), name
+
+
+def nbd_client_args(socket: Path, name: str, device: str, *, read_only: bool) -> list[str]:
+    """The arguments of ``nbd-client`` that connect ``device`` (``/dev/nbdN``)
+    to the export ``name`` on a unix socket.  nbd-client 3.17+ configures
+    the device through netlink by default: the kernel then keeps the
+    connection on its own, with no client process, so the device survives
+    a restart of the node plugin.
+
+    :raises InvalidArgument: a device that is not ``/dev/nbdN``, a relative
+        socket path, or an export name that could be read as an option.
+    """
+    if not _NBD_DEVICE.fullmatch(device):
+        raise InvalidArgument(f"{device!r} is not an NBD device (/dev/nbdN)")
+    if not socket.is_absolute():
+        raise InvalidArgument(f"NBD socket {socket} is not an absolute path")
+    if not name or name.startswith("-") or any(c.isspace() for c in name):
+        raise InvalidArgument(f"NBD export name {name!r} is not valid")
+    args = ["-unix", str(socket), device, "-name", name, "-block-size", str(_NBD_BLOCK_SIZE)]
+    if read_only:
+        args.append("-readonly")
+    return args
+
+
+_NBD_DEVICE = re.compile(r"/dev/nbd[0-9]+")
+
+
 def _is_block_device(path: Path) -> bool:
     try:
         return stat.S_ISBLK(path.stat().st_mode)
@@ -252,12 +304,15 @@ class Devices:
 
     :param timeout: seconds any single command may take before it is killed.
     :param mountinfo: the mountinfo file to read (``/proc/self/mountinfo``).
+    :param sys_root: where sysfs is (tests pass a fake tree).
     """
 
     def __init__(self, *, timeout: float = 600.0,
-                 mountinfo: Path = Path("/proc/self/mountinfo")) -> None:
+                 mountinfo: Path = Path("/proc/self/mountinfo"),
+                 sys_root: Path = Path("/sys")) -> None:
         self.timeout = timeout
         self.mountinfo_path = mountinfo
+        self.sys_root = sys_root
 
     # -- running ---------------------------------------------------------
 
@@ -443,6 +498,90 @@ class Devices:
         """
         self._run("losetup", ["--set-capacity", device], what=f"refresh the size of {device}")
         return self.device_size(device)
+
+    # -- NBD devices -----------------------------------------------------
+
+    def nbd_devices(self) -> dict[str, bool]:
+        """The kernel's NBD devices, ``/dev/nbdN`` -> connected.  A device
+        is connected while ``/sys/block/nbdN/pid`` exists (the kernel makes
+        it when a connection starts and removes it when it ends)."""
+        found: dict[str, bool] = {}
+        try:
+            names = os.listdir(self.sys_root / "block")
+        except OSError:
+            return found
+        for name in names:
+            if _NBD_DEVICE.fullmatch("/dev/" + name):
+                found["/dev/" + name] = (self.sys_root / "block" / name / "pid").exists()
+        return dict(sorted(found.items(), key=lambda kv: int(kv[0][8:])))
+
+    def nbd_connected(self, device: str) -> bool:
+        return self.nbd_devices().get(device, False)
+
+    def attach_nbd(self, socket: Path, name: str, *, read_only: bool,
+                   prefer: str | None = None) -> str:
+        """Connect a free kernel NBD device to the export ``name`` on the
+        unix ``socket`` and return it (``/dev/nbdN``).  ``prefer`` (the
+        device a volume had before a restart) is tried first when free.
+        Another process may take the device picked meanwhile: the next free
+        one is tried.
+
+        :raises DeviceError: no NBD devices (the nbd module is not loaded),
+            none free, nbd-client is missing, or it failed.
+        """
+        devices = self.nbd_devices()
+        if not devices:
+            raise DeviceError("no NBD devices: the nbd kernel module is not loaded")
+        free = [d for d, connected in devices.items() if not connected]
+        if prefer in free:
+            free.remove(prefer)
+            free.insert(0, prefer)
+        last: DeviceError | None = None
+        for device in free:
+            args = nbd_client_args(socket, name, device, read_only=read_only)
+            try:
+                self._run("nbd-client", args, what=f"connect {device} to NBD export {name}")
+            except DeviceError as e:
+                lowered = e.stderr.lower()
+                if "busy" in lowered or "already" in lowered or "in use" in lowered:
+                    last = e
+                    continue          # taken by someone else meanwhile
+                raise
+            log.info("connected %s to NBD export %s%s", device, name,
+                     " read-only" if read_only else "")
+            return device
+        raise DeviceError(f"no free NBD device for export {name}"
+                          + (f" ({last.stderr})" if last else ""))
+
+    def detach_nbd(self, device: str, *, settle: float = 5.0) -> bool:
+        """Disconnect an NBD device (``nbd-client -d``); True if this call
+        disconnected it, False if it was not connected.  The caller makes
+        sure the device is its own (the kernel does not say which export a
+        device serves).
+
+        :raises DeviceBusy: still connected after ``settle`` seconds.
+        :raises DeviceError: nbd-client failed.
+        """
+        if not _NBD_DEVICE.fullmatch(device):
+            raise InvalidArgument(f"{device!r} is not an NBD device (/dev/nbdN)")
+        if not self.nbd_connected(device):
+            return False
+        self._run("nbd-client", ["-d", device], what=f"disconnect {device}")
+        deadline = time.monotonic() + settle
+        while self.nbd_connected(device):
+            if time.monotonic() >= deadline:
+                raise DeviceBusy(f"{device} is still connected {settle:.0f}s after the"
+                                 " disconnect")
+            time.sleep(0.02)
+        log.info("disconnected %s", device)
+        return True
+
+    def has_tool(self, name: str) -> bool:
+        try:
+            self._tool(name)
+        except DeviceError:
+            return False
+        return True
 
     # -- filesystems -----------------------------------------------------
 

@@ -1,9 +1,20 @@
 """Serving volumes on this node: qemu-storage-daemon, loop devices, mounts.
 
 A staged volume is *served*: the node's one qemu-storage-daemon (QSD) has
-its backing chain open and exports its top as a FUSE file; a buffered loop
-device on that file is the volume's block device; for mount access a
-filesystem on it is mounted at the staging path.  Publishing bind-mounts the
+its backing chain open and exports its top, and a kernel block device serves
+that export; for mount access a filesystem on it is mounted at the staging
+path.  Two transports, chosen per staging and recorded in its
+``export_path``:
+
+* ``nbd`` where the kernel has the nbd module and ``nbd-client`` is
+  installed: an NBD export on the QSD's unix socket (``export_path`` is its
+  ``nbd+unix://`` URI), connected to a ``/dev/nbdN`` (netlink: the kernel
+  holds the connection, no client process).  No FUSE hop.
+* ``fuse`` everywhere else: a FUSE export file (``export_path``) and a
+  buffered loop device on it.
+
+vduse is detected (:func:`engine.devices.detect_transports`) but not used
+yet: a vduse-capable node serves through nbd or FUSE.  Publishing bind-mounts the
 staging mount (or the device node) onto the workload's target path.
 
 While served, the volume's owner is SERVED and only the QSD's QMP may change
@@ -20,6 +31,7 @@ moment the QSD dies.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -28,7 +40,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from engine.devices import DeviceError, Devices
+from engine.devices import NBD_SCHEME, DeviceError, Devices, detect_transports, parse_nbd_uri
 from engine.errors import AlreadyExists, EngineError, FailedPrecondition, InvalidArgument, NotFound
 from engine.model import Owner, Publication, Staging, Volume
 from engine.pool import Pool
@@ -43,6 +55,8 @@ DEFAULT_FS = "ext4"
 # How long a grown image may take to show its size through the FUSE export:
 # the kernel caches the export's attributes (about a second).
 EXPORT_SIZE_TIMEOUT = 10.0
+NBD = "nbd"
+FUSE = "fuse"
 
 
 @dataclass(frozen=True)
@@ -89,16 +103,37 @@ class Node:
     """
 
     def __init__(self, pool: Pool, run_dir: Path, *, qsd: StorageDaemon | None = None,
-                 devices: Devices | None = None, supervise_interval: float = 1.0) -> None:
+                 devices: Devices | None = None, supervise_interval: float = 1.0,
+                 transports: list[str] | None = None) -> None:
         self.pool = pool
         self.run_dir = run_dir
         self.exports = run_dir / "exports"
+        # Which NBD devices are ours, and for which volume: the kernel does
+        # not say which export an NBD device serves.
+        self.nbd_records = run_dir / "nbd"
         self.qsd = qsd or StorageDaemon(run_dir / "qsd")
         self.devices = devices or Devices()
+        self.transports = detect_transports() if transports is None else list(transports)
+        self.transport = self._choose_transport()
         self._interval = supervise_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         pool.attach_owner(Owner.SERVED, self)
+
+    def _choose_transport(self) -> str:
+        """The transport new stagings use: nbd where the kernel has it and
+        nbd-client is installed, FUSE + loop otherwise.  Stagings keep the
+        transport they were made with (their ``export_path`` says which)."""
+        if NBD in self.transports:
+            if self.devices.has_tool("nbd-client"):
+                log.info("serving volumes over NBD (kernel nbd devices)")
+                return NBD
+            log.warning("the kernel has nbd but nbd-client is not installed (Debian package "
+                        "nbd-client): serving volumes through FUSE and loop devices")
+        if "vduse" in self.transports:
+            log.info("the kernel has vduse, which qsnap does not use yet")
+        log.info("serving volumes through FUSE exports and loop devices")
+        return FUSE
 
     # -- life cycle ------------------------------------------------------
 
@@ -159,7 +194,8 @@ class Node:
         # devices on them show the export's path and can be found and
         # detached.  Afterwards they show "/" and would be left behind.
         for staging in stagings:
-            if staging.device and is_dead_mount(Path(staging.export_path)):
+            if staging.device and not _is_nbd(staging) and \
+                    is_dead_mount(Path(staging.export_path)):
                 try:
                     with self.pool.hold(f"volume:{staging.volume_id}"):
                         self._drop_stale_device(staging)
@@ -205,8 +241,9 @@ class Node:
             wanted = Staging(volume_id=volume.id, staging_path=str(staging_path),
                              access=access.kind, fs_type=access.fs_type if access.kind == MOUNT else "",
                              mount_flags=access.mount_flags, read_only=access.read_only,
-                             export_path=str(self.exports / volume.id), device="",
-                             state="staging")
+                             export_path=(self.qsd.nbd_uri(volume.id) if self.transport == NBD
+                                          else str(self.exports / volume.id)),
+                             device="", state="staging")
             if current is not None:
                 if current.state == "unstaging":
                     self._take_down(current)
@@ -220,7 +257,8 @@ class Node:
             with self.pool.catalog.transaction() as tx:
                 tx.put_staging(wanted)
                 tx.set_owner(volume_id, Owner.SERVED)
-            log.info("volume %s: staging at %s (%s)", volume_id, staging_path, access.kind)
+            log.info("volume %s: staging at %s (%s, over %s)", volume_id, staging_path,
+                     access.kind, self.transport)
             try:
                 return self._serve(wanted, restarted=False)
             except BaseException:
@@ -268,15 +306,21 @@ class Node:
     def _serve(self, staging: Staging, *, restarted: bool) -> Staging:
         """Make every layer of serving exist (idempotent); mark staged."""
         volume = self.pool.get_volume(staging.volume_id)
-        self.qsd.ensure_running()
-        export = Path(staging.export_path)
+        # A daemon started here (it died and the supervisor has not noticed
+        # yet) leaves every device on the old one dead.
+        restarted = self.qsd.ensure_running() or restarted
         # A cut the catalog recorded but the QSD did not make yet is finished
         # first, so that opening the chain finds the QSD and catalog agreeing.
         self._reconcile_top(volume)
         chain = [(layer.id, Path(layer.path)) for layer in self.pool.volume_chain(volume.id)]
         self.qsd.open_chain(volume.id, chain, read_only=False)
-        self.qsd.export_fuse(volume.id, export, writable=True)
-        device = self._loop_for(staging, export)
+        if _is_nbd(staging):
+            self.qsd.export_nbd(volume.id, writable=True)
+            device = self._nbd_for(staging, restarted=restarted)
+        else:
+            export = Path(staging.export_path)
+            self.qsd.export_fuse(volume.id, export, writable=True)
+            device = self._loop_for(staging, export)
         if staging.access == MOUNT:
             self._mount(staging, device)
         for publication in self._publications(volume.id):
@@ -326,6 +370,9 @@ class Node:
         """Whether ``source`` is a loop device this volume used before its
         export was restarted (backed by the export's old file, or by
         nothing once that file's mount is gone)."""
+        if _is_nbd(staging):
+            return bool(source) and (source == staging.device
+                                     or source in self._nbd_of(staging.volume_id))
         if not source or not source.startswith("/dev/loop"):
             return False
         if source in self.devices.find_loops(Path(staging.export_path), include_stale=True):
@@ -335,6 +382,9 @@ class Node:
     def _read_only_loop(self, staging: Staging) -> str:
         """The read-only loop device read-only block publications of a
         writable staging share (made on first use)."""
+        if _is_nbd(staging):
+            live = [d for d, ro in self._nbd_of(staging.volume_id).items() if ro]
+            return live[0] if live else self._attach_nbd(staging, read_only=True)
         export = Path(staging.export_path)
         live = self._loops(export, read_only=True)
         return live[0] if live else self.devices.attach_loop(export, read_only=True)
@@ -344,6 +394,9 @@ class Node:
             self.devices.unmount(Path(publication.target_path), lazy=True)
         if staging.access == MOUNT:
             self.devices.unmount(Path(staging.staging_path), lazy=True)
+        if _is_nbd(staging):
+            self._detach_nbds(staging.volume_id)
+            return
         for stale in self.devices.find_loops(Path(staging.export_path), include_stale=True):
             try:
                 self.devices.detach_loop(stale, expected_backing=Path(staging.export_path))
@@ -419,17 +472,23 @@ class Node:
                  (time.monotonic() - started) * 1000)
 
     def _take_down(self, staging: Staging) -> None:
-        export = Path(staging.export_path)
         for publication in self._publications(staging.volume_id):
             self.devices.unmount(Path(publication.target_path))
         if staging.access == MOUNT:
             self.devices.unmount(Path(staging.staging_path))
-        for device in self.devices.find_loops(export, include_stale=True):
-            self.devices.detach_loop(device, expected_backing=export)
+        if _is_nbd(staging):
+            # Before the export goes: QEMU removes an NBD export only once
+            # no client is connected.
+            self._detach_nbds(staging.volume_id)
+        else:
+            export = Path(staging.export_path)
+            for device in self.devices.find_loops(export, include_stale=True):
+                self.devices.detach_loop(device, expected_backing=export)
         if self.qsd.alive():
             self.qsd.unexport(staging.volume_id)
             self.qsd.close_chain(staging.volume_id)
-        export.unlink(missing_ok=True)
+        if not _is_nbd(staging):
+            Path(staging.export_path).unlink(missing_ok=True)
         with self.pool.catalog.transaction() as tx:
             for publication in tx.publications(staging.volume_id):
                 tx.drop_publication(staging.volume_id, publication.target_path)
@@ -500,9 +559,12 @@ class Node:
                     and not any(p.read_only for p in remaining)):
                 # The last read-only publication of a writable block volume
                 # is gone: its read-only loop device goes too.
-                export = Path(staging.export_path)
-                for loop in self._loops(export, read_only=True):
-                    self.devices.detach_loop(loop, expected_backing=export)
+                if _is_nbd(staging):
+                    self._detach_nbds(volume_id, read_only=True)
+                else:
+                    export = Path(staging.export_path)
+                    for loop in self._loops(export, read_only=True):
+                        self.devices.detach_loop(loop, expected_backing=export)
             log.info("volume %s: unpublished from %s", volume_id, target)
 
     # -- stats and expansion ---------------------------------------------
@@ -531,6 +593,10 @@ class Node:
     def _condition(self, staging: Staging) -> str:
         if not self.qsd.alive():
             return "qemu-storage-daemon is not running; the node is re-serving the volume"
+        if _is_nbd(staging):
+            if not self.devices.nbd_connected(staging.device):
+                return f"NBD device {staging.device} is no longer connected"
+            return ""
         if staging.device not in self.devices.find_loops(Path(staging.export_path)):
             return f"loop device {staging.device} no longer serves the volume"
         return ""
@@ -594,8 +660,14 @@ class Node:
         ``block_resize``: wait until the export shows ``size_bytes`` first,
         or the device keeps its old size.
 
+        An NBD device keeps the size it was connected with (the export
+        cannot grow while exported, see :meth:`StorageDaemon.resize`): its
+        size is returned as it is.
+
         :raises DeviceError: the export does not grow in time.
         """
+        if _is_nbd(staging):
+            return self.devices.device_size(staging.device)
         export = Path(staging.export_path)
         deadline = time.monotonic() + EXPORT_SIZE_TIMEOUT
         while (shown := os.stat(export).st_size) < size_bytes:
@@ -611,6 +683,70 @@ class Node:
 
     def commit(self, volume_id: str, layer_id: str, parent_id: str) -> None:
         self.qsd.commit(volume_id, layer_id, parent_id)
+
+    # -- NBD devices -------------------------------------------------------
+
+    def _nbd_for(self, staging: Staging, *, restarted: bool) -> str:
+        """The volume's NBD device: the connected one if the daemon is the
+        one it was connected to, else a new connection (the old device
+        first, so the device path stays the same where the kernel allows)."""
+        live = [d for d, ro in self._nbd_of(staging.volume_id).items()
+                if ro == staging.read_only]
+        if not restarted:
+            if staging.device in live:
+                return staging.device
+            if live:
+                return live[0]
+        elif live or staging.device:
+            # Connected to a daemon that is gone: its I/O fails.  What sits
+            # on it goes, then the device is disconnected and reconnected.
+            self._drop_stale_device(staging)
+        return self._attach_nbd(staging, read_only=staging.read_only)
+
+    def _attach_nbd(self, staging: Staging, *, read_only: bool) -> str:
+        socket, name = parse_nbd_uri(staging.export_path)
+        prefer = staging.device if staging.device.startswith("/dev/nbd") else None
+        device = self.devices.attach_nbd(socket, name, read_only=read_only, prefer=prefer)
+        self.nbd_records.mkdir(parents=True, exist_ok=True)
+        record = self.nbd_records / Path(device).name
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"volume_id": staging.volume_id, "read_only": read_only}))
+        os.replace(tmp, record)
+        return device
+
+    def _nbd_of(self, volume_id: str) -> dict[str, bool]:
+        """The volume's connected NBD devices (device -> read-only), from
+        the node's records; records of devices no longer connected are
+        dropped."""
+        found: dict[str, bool] = {}
+        try:
+            names = sorted(os.listdir(self.nbd_records))
+        except FileNotFoundError:
+            return found
+        connected = self.devices.nbd_devices()
+        for name in names:
+            if name.endswith(".tmp"):
+                continue
+            path = self.nbd_records / name
+            try:
+                raw = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                log.warning("ignoring unreadable NBD record %s: %s", path, e)
+                continue
+            device = "/dev/" + name
+            if not connected.get(device):
+                path.unlink(missing_ok=True)
+            elif raw.get("volume_id") == volume_id:
+                found[device] = bool(raw.get("read_only"))
+        return found
+
+    def _detach_nbds(self, volume_id: str, *, read_only: bool | None = None) -> None:
+        """Disconnect the volume's NBD devices (only the read-only ones, or
+        only the writable ones, when ``read_only`` says so)."""
+        for device, ro in self._nbd_of(volume_id).items():
+            if read_only is None or ro == read_only:
+                self.devices.detach_nbd(device)
+                (self.nbd_records / Path(device).name).unlink(missing_ok=True)
 
     # -- helpers ---------------------------------------------------------
 
@@ -640,6 +776,11 @@ class Node:
     def _publications(self, volume_id: str) -> list[Publication]:
         with self.pool.catalog.reading() as tx:
             return tx.publications(volume_id)
+
+
+def _is_nbd(staging: Staging) -> bool:
+    """Whether the staging is served over NBD (its export is a URI)."""
+    return staging.export_path.startswith(NBD_SCHEME)
 
 
 def _same_staging(a: Staging, b: Staging) -> bool:

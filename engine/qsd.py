@@ -29,10 +29,16 @@ Rules the code keeps, and why:
 * **Block jobs always name their base**, because ``block-commit`` without
   one merges the whole chain into the bottom image.
 
-Run directory: ``qmp.sock`` (QMP), ``qsd.pid`` (QEMU's pidfile),
-``qsd.log`` (the daemon's stdout and stderr) and ``exports/<volume-id>``
-(where each FUSE export is mounted: QMP's ``query-block-exports`` does not
-say, and a stale mount must be found after the daemon died).
+Run directory: ``qmp.sock`` (QMP), ``nbd.sock`` (the NBD server, started
+with the first NBD export), ``qsd.pid`` (QEMU's pidfile), ``qsd.log`` (the
+daemon's stdout and stderr) and ``exports/<volume-id>`` (where each FUSE
+export is mounted: QMP's ``query-block-exports`` does not say, and a stale
+mount must be found after the daemon died).
+
+Exports are FUSE files (:meth:`StorageDaemon.export_fuse`) or NBD exports on
+the daemon's unix socket (:meth:`StorageDaemon.export_nbd`), one kind per
+volume: QEMU 7.2 refuses a writable FUSE export and an NBD export of the same
+node side by side.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 
-from engine.devices import parse_mountinfo
+from engine.devices import nbd_uri, parse_mountinfo
 from engine.errors import (AlreadyExists, Busy, FailedPrecondition, ImageError,
                            InvalidArgument, NotFound, OutOfRange)
 
@@ -68,6 +74,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SOCKET = "qmp.sock"
+NBD_SOCKET = "nbd.sock"
 PIDFILE = "qsd.pid"
 LOGFILE = "qsd.log"
 EXPORTS = "exports"
@@ -413,6 +420,7 @@ class StorageDaemon:
                  job_timeout: float | None = None) -> None:
         self.run_dir = Path(os.path.abspath(run_dir))
         self.socket = self.run_dir / SOCKET
+        self.nbd_socket = self.run_dir / NBD_SOCKET
         self.pidfile = self.run_dir / PIDFILE
         self.logfile = self.run_dir / LOGFILE
         self.records = self.run_dir / EXPORTS
@@ -676,7 +684,7 @@ class StorageDaemon:
                 with contextlib.suppress(FileNotFoundError):
                     record.path.unlink()
             self._drop_record(volume_id)
-        for path in (self.socket, self.pidfile):
+        for path in (self.socket, self.nbd_socket, self.pidfile):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -760,9 +768,15 @@ class StorageDaemon:
         return found
 
     def _export_node(self, volume_id: str) -> str | None:
+        export = self._export(volume_id)
+        return str(export.get("node-name")) if export is not None else None
+
+    def _export(self, volume_id: str) -> dict[str, Any] | None:
+        """The volume's export as ``query-block-exports`` reports it
+        (``type`` is ``fuse`` or ``nbd``)."""
         for export in self.qmp("query-block-exports", context=f"volume {volume_id}"):
             if export.get("id") == volume_id:
-                return str(export.get("node-name"))
+                return dict(export)
         return None
 
     def _daemon_chain(self, volume_id: str, prefer: frozenset[str] = frozenset()
@@ -1056,13 +1070,76 @@ class StorageDaemon:
             log.info("volume %s: exported %s at %s", volume_id,
                      "writable" if writable else "read-only", path)
 
-    def unexport(self, volume_id: str) -> None:
-        """Remove the volume's FUSE export (and the file ``export_fuse``
-        created).  Idempotent.
+    def nbd_uri(self, volume_id: str) -> str:
+        """The NBD URI of the volume's export (``nbd+unix:///<volume-id>?socket=``),
+        as ``qemu-io``, ``qemu-img`` and :func:`parse_nbd_uri` take it."""
+        _check_volume_id(volume_id)
+        return nbd_uri(self.nbd_socket, volume_id)
 
-        Removing the export unmounts it at once even if the file is open: a
-        loop device on it must be detached first, or its I/O fails with
-        ENOTCONN.
+    def _ensure_nbd_server(self) -> None:
+        """Start the daemon's NBD server on ``nbd.sock`` unless it runs
+        (it survives a plugin restart with the daemon; QMP has no query for
+        it, so "already running" is the answer that it does)."""
+        try:
+            self.qmp("nbd-server-start",
+                     {"addr": {"type": "unix", "data": {"path": str(self.nbd_socket)}}},
+                     context="start the NBD server")
+        except QmpError as e:
+            if "already running" not in e.desc:
+                raise
+            return
+        log.info("NBD server listening on %s", self.nbd_socket)
+
+    def export_nbd(self, volume_id: str, *, writable: bool) -> str:
+        """Export the volume's top node over NBD, named after the volume, on
+        the daemon's unix socket (started with the first NBD export), and
+        return the export's URI (:meth:`nbd_uri`).  After a cut the export
+        follows the new top by itself, as a FUSE export does.  Idempotent.
+
+        A volume has one export: QEMU 7.2 refuses an NBD export next to a
+        writable FUSE export of the same node.  An existing NBD export is
+        taken as it is: QMP does not report whether it is writable (the node
+        exports writable and makes read-only devices read-only on its side).
+
+        :raises VolumeNotOpen: the volume's chain is not open.
+        :raises InvalidArgument: a writable export of a read-only chain.
+        :raises AlreadyExists: the volume is exported through FUSE.
+        """
+        with self._locks.hold([volume_id], self.timeout):
+            volume = self._volume(volume_id)
+            if writable and volume.read_only:
+                raise InvalidArgument(f"volume {volume_id} is open read-only; it cannot be"
+                                      f" exported writable")
+            existing = self._export(volume_id)
+            if existing is not None:
+                if existing.get("type") == "nbd":
+                    return self.nbd_uri(volume_id)
+                raise AlreadyExists(f"volume {volume_id} is already exported through"
+                                    f" {existing.get('type')}")
+            self._ensure_nbd_server()
+            self.qmp("block-export-add", {
+                "type": "nbd", "id": volume_id, "node-name": volume.top.node,
+                "name": volume_id, "writable": writable,
+            }, context=f"volume {volume_id}: NBD export")
+            log.info("volume %s: exported %s over NBD at %s", volume_id,
+                     "writable" if writable else "read-only", self.nbd_uri(volume_id))
+            return self.nbd_uri(volume_id)
+
+    def nbd_exports(self) -> dict[str, str]:
+        """The daemon's NBD exports: volume ID -> URI."""
+        return {str(e.get("id")): self.nbd_uri(str(e.get("id")))
+                for e in self.qmp("query-block-exports")
+                if e.get("type") == "nbd" and not e.get("shutting-down")}
+
+    def unexport(self, volume_id: str) -> None:
+        """Remove the volume's export: FUSE (and the file ``export_fuse``
+        created) or NBD.  Idempotent.
+
+        Removing a FUSE export unmounts it at once even if the file is open:
+        a loop device on it must be detached first, or its I/O fails with
+        ENOTCONN.  An NBD export is removed only once no client is connected
+        (``block-export-del`` in its safe mode): disconnect the kernel's NBD
+        devices first.
         """
         _check_volume_id(volume_id)
         with self._locks.hold([volume_id], self.timeout):
@@ -1094,12 +1171,13 @@ class StorageDaemon:
             self._drop_record(volume_id)
 
     def exports(self) -> dict[str, Path]:
-        """The daemon's FUSE exports: volume ID -> mount point."""
+        """The daemon's FUSE exports: volume ID -> mount point (NBD exports:
+        :meth:`nbd_exports`)."""
         records = self._records()
         found: dict[str, Path] = {}
         for export in self.qmp("query-block-exports"):
             volume_id = str(export.get("id"))
-            if export.get("shutting-down"):
+            if export.get("shutting-down") or export.get("type") != "fuse":
                 continue
             if volume_id in records:
                 found[volume_id] = records[volume_id].path
@@ -1228,6 +1306,8 @@ class StorageDaemon:
         :raises InvalidArgument: not a positive multiple of 512.
         :raises OutOfRange: smaller than the volume (``block_resize`` would
             shrink a qcow2 image and drop the data past the new end).
+        :raises FailedPrecondition: the volume is exported over NBD (QEMU
+            7.2 refuses to resize an NBD-exported node).
         :raises QmpError: QEMU refused.
         """
         if size <= 0 or size % 512:
@@ -1241,6 +1321,15 @@ class StorageDaemon:
                                  f" {current} bytes; volumes only grow")
             if size == current:
                 return
+            export = self._export(volume_id)
+            if export is not None and export.get("type") == "nbd":
+                # QEMU 7.2's NBD export does not share the RESIZE permission
+                # (block_resize answers "Permission conflict"), and an NBD
+                # client cannot learn a new size while connected anyway.
+                raise FailedPrecondition(
+                    f"volume {volume_id} is exported over NBD, which cannot grow while"
+                    f" exported; unstage it, expand it, and stage it again (the filesystem"
+                    f" grows at stage)")
             self.qmp("block_resize", {"node-name": volume.top.node, "size": size},
                      context=f"volume {volume_id}: resize to {size}")
             log.info("volume %s: resized from %d to %d bytes", volume_id, current, size)
