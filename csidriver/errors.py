@@ -25,8 +25,12 @@ from typing import Any
 
 import grpc
 
+from engine.domains import SwitchIncomplete
 from engine.errors import (AlreadyExists, Busy, CatalogCorrupt, EngineError, FailedPrecondition,
                            ImageError, InUse, InvalidArgument, NotFound, OutOfRange, PoolFull)
+from engine.freeze import (FreezeDeadlineExceeded, FreezeFailed, FreezeStateCorrupt,
+                           GuestAgentUnavailable, ThawFailed)
+from engine.virt import DomainError, HypervisorUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,17 @@ ENGINE_CODES: dict[type[EngineError], grpc.StatusCode] = {
     Busy: grpc.StatusCode.ABORTED,
     ImageError: grpc.StatusCode.INTERNAL,
     CatalogCorrupt: grpc.StatusCode.INTERNAL,
+    # Guests around a cut (engine/freeze.py): the policy's refusals are the
+    # caller's to fix; an overrun deadline may pass on a retry; a guest
+    # that stays frozen or a broken record needs an operator.
+    GuestAgentUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    FreezeFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    FreezeDeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ThawFailed: grpc.StatusCode.INTERNAL,
+    FreezeStateCorrupt: grpc.StatusCode.INTERNAL,
+    HypervisorUnavailable: grpc.StatusCode.UNAVAILABLE,
+    SwitchIncomplete: grpc.StatusCode.INTERNAL,
+    DomainError: grpc.StatusCode.INTERNAL,
     EngineError: grpc.StatusCode.INTERNAL,
 }
 
@@ -50,6 +65,8 @@ ENGINE_CODES: dict[type[EngineError], grpc.StatusCode] = {
 _INTERNAL_PREFIX = {
     ImageError: "image tool failure",
     CatalogCorrupt: "the pool's catalog needs an operator",
+    ThawFailed: "a guest may still be frozen",
+    DomainError: "hypervisor failure",
 }
 
 

@@ -35,11 +35,16 @@ from csidriver.metrics import Metrics
 from csidriver.node import NodeService
 from csidriver.pb import csi_pb2, csi_pb2_grpc, qsnap_pb2, qsnap_pb2_grpc
 from csidriver.units import parse_size
+from engine.domains import DomainOwner
 from engine.errors import EngineError, InvalidArgument
+from engine.freeze import Freezer
+from engine.guests import GuestQuiescer
 from engine.layout import default_root
+from engine.model import Owner
 from engine.node import Node
 from engine.pool import Pool, PoolConfig
 from engine.reclaim import Maintainer, MaintenanceStats
+from engine.virt import DEFAULT_URI, Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,9 @@ GRACE_SECONDS = 10.0
 # Request fields that identify what an RPC works on.  None of them is ever a
 # secret; request bodies as a whole are never logged (secrets, mount flags).
 LOGGED_FIELDS: tuple[str, ...] = ("volume_id", "snapshot_id", "source_volume_id", "name")
+# Under --run-dir: the guests being frozen, for a restarted driver to thaw.
+FREEZE_STATE_FILE = "frozen-guests.json"
+
 # Polled every few seconds by sidecars: logged at DEBUG to keep the log useful.
 QUIET_RPCS: frozenset[str] = frozenset({"Probe", "Check", "Watch", "GetPluginInfo",
                                         "GetPluginCapabilities", "ControllerGetCapabilities"})
@@ -74,6 +82,7 @@ class Options:
     metrics_port: int | None = None
     run_dir: Path = DEFAULT_RUN_DIR
     max_volumes: int = 0
+    libvirt_uri: str = DEFAULT_URI     # "" : no libvirt (no guest freeze, no domain owner)
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on this port at /metrics (default: off)")
     p.add_argument("--metrics-address", default="0.0.0.0",
                    help="address the metrics endpoint listens on (default: %(default)s)")
+    p.add_argument("--libvirt-uri", default=os.environ.get("QSNAP_LIBVIRT_URI", DEFAULT_URI),
+                   help="libvirt to ask which guests use a volume (frozen around cuts through "
+                        "their agents) and to switch disks domains opened directly; 'none' "
+                        "turns it off (default: %(default)s)")
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error"])
     return p
@@ -171,7 +184,8 @@ def parse_args(argv: list[str] | None) -> Options:
                    nodeid=args.nodeid, drivername=args.drivername, config=config,
                    log_level=args.log_level, metrics_address=args.metrics_address,
                    metrics_port=args.metrics_port, run_dir=args.run_dir,
-                   max_volumes=args.max_volumes)
+                   max_volumes=args.max_volumes,
+                   libvirt_uri="" if args.libvirt_uri.lower() in ("", "none") else args.libvirt_uri)
 
 
 # -- logging interceptor -----------------------------------------------------
@@ -317,6 +331,7 @@ class DriverServer:
         self.pool: Pool | None = None
         self.maintainer: Maintainer | None = None
         self.node: Node | None = None
+        self.hypervisor: Hypervisor | None = None
         self.metrics: Metrics | None = None
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer()
@@ -343,6 +358,8 @@ class DriverServer:
         # started once the endpoint is ours: a driver that cannot listen
         # must not have started a qemu-storage-daemon.
         self.node = Node(self.pool, o.run_dir)
+        if o.libvirt_uri:
+            self._attach_libvirt(o.libvirt_uri, o.run_dir / FREEZE_STATE_FILE)
         observer: RpcObserver | None = None
         if o.metrics_port is not None:
             self.metrics = Metrics(self.pool, self.maintainer.stats)
@@ -402,11 +419,29 @@ class DriverServer:
             # does); the daemon keeps serving and the next start attaches.
             self.node.qsd.close()
             self.node = None
+        if self.hypervisor is not None:
+            self.hypervisor.close()
+            self.hypervisor = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None
         self._remove_socket()
         log.info("stopped")
+
+    def _attach_libvirt(self, uri: str, state_file: Path) -> None:
+        """Route cuts of domain-opened volumes through libvirt and freeze
+        guests around every cut; first thaw any guest a previous driver
+        left frozen.  libvirt need not run now: it is asked at each cut."""
+        assert self.pool is not None
+        self.hypervisor = Hypervisor(uri)
+        self.pool.attach_owner(Owner.DOMAIN, DomainOwner(self.hypervisor, self.pool.layout))
+        quiescer = GuestQuiescer(Freezer(self.hypervisor), state_file)
+        self.pool.attach_quiescer(quiescer)
+        try:
+            quiescer.recover()
+        except EngineError as e:
+            log.error("guests a previous driver froze could not all be thawed: %s", e)
+        log.info("libvirt at %s: guests are frozen around cuts through their agents", uri)
 
     def _remove_socket(self) -> None:
         path = self.endpoint.socket

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import Busy, CatalogCorrupt, PoolFull
-from engine.model import (Layer, Owner, Publication, Snapshot, SnapshotSource, Staging, Volume,
-                          VolumeSource)
+from engine.model import (GroupSnapshot, Layer, Owner, Publication, Snapshot, SnapshotSource,
+                          Staging, Volume, VolumeSource)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -65,10 +65,28 @@ CREATE TABLE IF NOT EXISTS snapshots (
     layer        TEXT NOT NULL REFERENCES layers(id),
     ready        INTEGER NOT NULL DEFAULT 1,
     parameters   TEXT NOT NULL DEFAULT '{}',
-    indications  TEXT NOT NULL DEFAULT '[]'
+    indications  TEXT NOT NULL DEFAULT '[]',
+    group_id     TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer);
 CREATE INDEX IF NOT EXISTS snapshots_source ON snapshots(source);
+CREATE TABLE IF NOT EXISTS groups (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    name         TEXT NOT NULL UNIQUE,
+    created_ns   INTEGER NOT NULL,
+    parameters   TEXT NOT NULL DEFAULT '{}',
+    indications  TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS vm_snapshots (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    name         TEXT NOT NULL,
+    domain_uuid  TEXT NOT NULL,
+    created_ns   INTEGER NOT NULL,
+    record       TEXT NOT NULL,       -- JSON, engine/vm.py owns its shape
+    UNIQUE (domain_uuid, name)
+);
 CREATE TABLE IF NOT EXISTS intents (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     kind       TEXT NOT NULL,
@@ -139,6 +157,11 @@ class Catalog:
             row = tx.one("SELECT value FROM meta WHERE key = 'schema'")
             if row is None:
                 tx.run("INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) == 1:
+                # Version 2 added group snapshots and VM snapshots: the new
+                # tables came with the script above, the column comes here.
+                tx.run("ALTER TABLE snapshots ADD COLUMN group_id TEXT NOT NULL DEFAULT ''")
+                tx.run("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif int(row["value"]) != SCHEMA_VERSION:
                 raise CatalogCorrupt(f"catalog {path} has schema {row['value']}, "
                                      f"this qsnap knows {SCHEMA_VERSION}")
@@ -369,10 +392,10 @@ class Tx:
 
     def add_snapshot(self, s: Snapshot) -> None:
         self.run("INSERT INTO snapshots(id, name, source, size, created_ns, layer, ready,"
-                 " parameters, indications) VALUES (?,?,?,?,?,?,?,?,?)",
+                 " parameters, indications, group_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
                  (s.id, s.name, s.source_volume_id, s.size_bytes, s.created_ns, s.layer,
                   int(s.ready), json.dumps(s.parameters, sort_keys=True),
-                  json.dumps(list(s.indications))))
+                  json.dumps(list(s.indications)), s.group_id))
 
     def snapshot(self, snapshot_id: str) -> Snapshot | None:
         row = self.one("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,))
@@ -401,8 +424,66 @@ class Tx:
     def drop_snapshot(self, snapshot_id: str) -> None:
         self.run("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
+    def group_members(self, group_id: str) -> list[Snapshot]:
+        return [_snapshot(r) for r in self.all(
+            "SELECT * FROM snapshots WHERE group_id = ? ORDER BY seq", (group_id,))]
+
+    # -- group snapshots -------------------------------------------------
+
+    def add_group(self, g: GroupSnapshot) -> None:
+        self.run("INSERT INTO groups(id, name, created_ns, parameters, indications)"
+                 " VALUES (?,?,?,?,?)",
+                 (g.id, g.name, g.created_ns, json.dumps(g.parameters, sort_keys=True),
+                  json.dumps(list(g.indications))))
+
+    def group(self, group_id: str) -> GroupSnapshot | None:
+        row = self.one("SELECT * FROM groups WHERE id = ?", (group_id,))
+        return self._group(row) if row else None
+
+    def group_by_name(self, name: str) -> GroupSnapshot | None:
+        row = self.one("SELECT * FROM groups WHERE name = ?", (name,))
+        return self._group(row) if row else None
+
+    def _group(self, row: sqlite3.Row) -> GroupSnapshot:
+        members = tuple(r["id"] for r in self.all(
+            "SELECT id FROM snapshots WHERE group_id = ? ORDER BY seq", (row["id"],)))
+        return GroupSnapshot(id=row["id"], name=row["name"], created_ns=int(row["created_ns"]),
+                             snapshot_ids=members, parameters=_parameters(row["parameters"]),
+                             indications=_indications(row["indications"]))
+
+    def drop_group(self, group_id: str) -> None:
+        self.run("DELETE FROM groups WHERE id = ?", (group_id,))
+
+    # -- VM snapshots ----------------------------------------------------
+
+    def put_vm_snapshot(self, snapshot_id: str, name: str, domain_uuid: str, created_ns: int,
+                        record: dict[str, Any]) -> None:
+        self.run("INSERT INTO vm_snapshots(id, name, domain_uuid, created_ns, record)"
+                 " VALUES (?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+                 (snapshot_id, name, domain_uuid, created_ns, json.dumps(record, sort_keys=True)))
+
+    def vm_snapshot(self, snapshot_id: str) -> dict[str, Any] | None:
+        row = self.one("SELECT record FROM vm_snapshots WHERE id = ?", (snapshot_id,))
+        return dict(json.loads(row["record"])) if row else None
+
+    def vm_snapshot_by_name(self, domain_uuid: str, name: str) -> dict[str, Any] | None:
+        row = self.one("SELECT record FROM vm_snapshots WHERE domain_uuid = ? AND name = ?",
+                       (domain_uuid, name))
+        return dict(json.loads(row["record"])) if row else None
+
+    def vm_snapshots(self, domain_uuid: str | None = None) -> list[dict[str, Any]]:
+        if domain_uuid is None:
+            rows = self.all("SELECT record FROM vm_snapshots ORDER BY seq")
+        else:
+            rows = self.all("SELECT record FROM vm_snapshots WHERE domain_uuid = ? ORDER BY seq",
+                            (domain_uuid,))
+        return [dict(json.loads(r["record"])) for r in rows]
+
+    def drop_vm_snapshot(self, snapshot_id: str) -> None:
+        self.run("DELETE FROM vm_snapshots WHERE id = ?", (snapshot_id,))
+
     def count(self, table: str) -> int:
-        assert table in ("volumes", "snapshots", "layers", "intents")
+        assert table in ("volumes", "snapshots", "layers", "intents", "groups", "vm_snapshots")
         row = self.one(f"SELECT COUNT(*) FROM {table}")
         return int(row[0]) if row else 0
 
@@ -484,13 +565,15 @@ def _indications(text: str) -> tuple[str, ...]:
 
 # Positional reads for pages of thousands of snapshots (name lookups on
 # sqlite3.Row cost more than the rest of the conversion).
-_SNAPSHOT_COLUMNS = "seq, id, name, source, size, created_ns, layer, ready, parameters, indications"
+_SNAPSHOT_COLUMNS = ("seq, id, name, source, size, created_ns, layer, ready, parameters,"
+                     " indications, group_id")
 
 
 def _snapshot_row(r: tuple[Any, ...]) -> Snapshot:
     return Snapshot(id=r[1], name=r[2], source_volume_id=r[3], size_bytes=int(r[4]),
                     created_ns=int(r[5]), layer=r[6], ready=bool(r[7]),
-                    parameters=_parameters(r[8]), indications=_indications(r[9]))
+                    parameters=_parameters(r[8]), indications=_indications(r[9]),
+                    group_id=r[10])
 
 
 def _snapshot(row: sqlite3.Row) -> Snapshot:
@@ -498,4 +581,4 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
                     size_bytes=int(row["size"]), created_ns=int(row["created_ns"]),
                     layer=row["layer"], ready=bool(row["ready"]),
                     parameters=_parameters(row["parameters"]),
-                    indications=_indications(row["indications"]))
+                    indications=_indications(row["indications"]), group_id=row["group_id"])

@@ -184,6 +184,17 @@ class FreezeSession:
             return None
         return self.deadline_s - (time.monotonic() - self.started_at)
 
+    def indications_for(self, volume_id: str) -> tuple[str, ...]:
+        """The union over the domains that use one volume."""
+        seen = {i for d in self.domains if volume_id in d.use.volume_ids for i in d.indications}
+        return tuple(i.value for i in Indication if i in seen)
+
+    def frozen_window_s(self) -> float | None:
+        """The longest freeze → thaw window among the domains (after the
+        block; None when nothing was frozen)."""
+        windows = [w for d in self.domains if (w := d.frozen_window_s) is not None]
+        return max(windows) if windows else None
+
     def check(self) -> None:
         """Call before committing a cut made inside the block.
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -59,6 +62,21 @@ class Snapshot:
     ready: bool = True
     parameters: dict[str, str] = field(default_factory=dict)
     indications: tuple[str, ...] = ()
+    group_id: str = ""         # the group snapshot it was cut in, if any
+
+
+@dataclass(frozen=True)
+class GroupSnapshot:
+    """Snapshots of several volumes cut at one instant (one freeze, one
+    switch per owner): a CSI VolumeGroupSnapshot, or a VM's disks."""
+
+    id: str
+    name: str
+    created_ns: int
+    snapshot_ids: tuple[str, ...]
+    parameters: dict[str, str] = field(default_factory=dict)
+    indications: tuple[str, ...] = ()
+    ready: bool = True
 
 
 @dataclass(frozen=True)
@@ -160,5 +178,41 @@ class TopOwner(Protocol):
         content stays the same throughout.
 
         :raises EngineError: the merge did not complete (the chain is as before).
+        """
+        ...
+
+
+class QuiesceSession(Protocol):
+    """What a :class:`Quiescer` yields while the guests are quiet."""
+
+    def check(self) -> None:
+        """Raise if the quiet window is already over (its deadline passed);
+        a cut switched after that is not application-consistent.
+
+        :raises EngineError: the window is over.
+        """
+        ...
+
+    def indications_for(self, volume_id: str) -> tuple[str, ...]:
+        """How the quiescing went for the users of one volume."""
+        ...
+
+    def frozen_window_s(self) -> float | None:
+        """The longest freeze → thaw window, once thawed (None: nothing froze)."""
+        ...
+
+
+class Quiescer(Protocol):
+    """Quiets the users of volumes (guests, through their agents) around a
+    cut: ``Pool.attach_quiescer``."""
+
+    def quiesce(self, paths: Mapping[str, Sequence[Path | str]],
+                parameters: Mapping[str, str]) -> AbstractContextManager[QuiesceSession]:
+        """Quiesce every user of the given volumes (volume ID → the files
+        and devices it is reached through) for the ``with`` block, and
+        always release them.  ``parameters`` are the snapshot's.
+
+        :raises EngineError: the policy forbids the cut, or the window was
+            overrun (raised at the block's exit, after the release).
         """
         ...

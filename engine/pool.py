@@ -33,9 +33,11 @@ from engine.errors import (AlreadyExists, Busy, CatalogCorrupt, InUse, InvalidAr
                            NotFound, OutOfRange, PoolFull)
 from engine.layout import Layout, PoolLock, new_id
 from engine.locks import KeyedLock
-from engine.model import (Capacity, ContentSource, Layer, LayerInfo, Owner, Page, Snapshot,
-                          SnapshotSource, TopOwner, Volume, VolumeSource)
-from engine.qemu_img import QemuImg
+from engine.freeze import Policy, parse_deadline
+from engine.model import (Capacity, ContentSource, GroupSnapshot, Layer, LayerInfo, Owner, Page,
+                          QuiesceSession, Quiescer, Snapshot, SnapshotSource, TopOwner, Volume,
+                          VolumeSource)
+from engine.qemu_img import QemuImg, image_locks
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,13 @@ VOLUME_PARAMETERS: frozenset[str] = frozenset()
 # "true": freeze the staged filesystem (fsfreeze) around the cut of a served
 # volume, for filesystem-consistent snapshots of non-VM workloads.
 FSFREEZE = "qsnap.csi.dev/fsfreeze"
-SNAPSHOT_PARAMETERS: frozenset[str] = frozenset({FSFREEZE})
+# How a snapshot treats the guest agents of domains using its volumes:
+# "required", "preferred" (default) or "disabled" (engine/freeze.py).
+GUEST_AGENT = "qsnap.csi.dev/guest-agent"
+# How long guests may stay frozen before the snapshot fails: "30s", "5m", a
+# bare number of seconds, "0" for no deadline; 5m by default.
+FREEZE_DEADLINE = "qsnap.csi.dev/freeze-deadline"
+SNAPSHOT_PARAMETERS: frozenset[str] = frozenset({FSFREEZE, GUEST_AGENT, FREEZE_DEADLINE})
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,7 @@ class Pool:
         self._listeners: list[Callable[[], None]] = []
         self._observers: list[Callable[[str, float], None]] = []
         self._owners: dict[Owner, TopOwner] = {}
+        self._quiescer: Quiescer | None = None
 
     # -- life cycle ------------------------------------------------------
 
@@ -150,6 +159,10 @@ class Pool:
         """Route cuts and resizes of volumes owned by ``owner`` through
         ``handler`` (the node's qemu-storage-daemon, a libvirt domain)."""
         self._owners[owner] = handler
+
+    def attach_quiescer(self, quiescer: Quiescer) -> None:
+        """Quiesce the users of volumes (guests) around every cut."""
+        self._quiescer = quiescer
 
     def owner_of(self, owner: Owner) -> TopOwner:
         """The handler attached for ``owner``.
@@ -476,7 +489,7 @@ class Pool:
             size = validate.round_size(required_bytes, limit_bytes, floor=volume.size_bytes)
             if size == volume.size_bytes:
                 return volume
-            handler = self._handler(volume)
+            handler = self._handler(volume, top_held=True)
             self._check_room(size - volume.size_bytes)
             body = {"volume": volume.id, "layer": volume.top_layer,
                     "old_size": volume.size_bytes, "new_size": size}
@@ -503,17 +516,18 @@ class Pool:
         """Cut a snapshot of a volume, or return the one already made under
         ``name``.  The volume's top layer becomes the snapshot's read-only
         layer and the volume continues on a new empty overlay: the same
-        cost at any size.
+        cost at any size.  Guests using the volume are frozen around the
+        switch when a quiescer is attached (:meth:`attach_quiescer`).
 
         :raises InvalidArgument: a bad name or parameter.
         :raises AlreadyExists: ``name`` exists for another volume or parameters.
         :raises NotFound: no such volume.
         :raises PoolFull: no room for the overlay.
-        :raises InUse: the volume is open by an owner qsnap cannot cut through yet.
+        :raises InUse: the volume is open by an owner qsnap cannot cut through.
+        :raises EngineError: the quiescer refused or overran (see engine/freeze.py).
         """
         validate.check_name("snapshot", name)
-        params = dict(parameters or {})
-        validate.check_parameters("snapshot", params, SNAPSHOT_PARAMETERS)
+        params = self._snapshot_parameters(parameters)
         if not validate.check_id("volume", source_volume_id):
             raise NotFound(f"volume {source_volume_id} does not exist")
         with self.hold(f"snapshot-name:{name}", _vkey(source_volume_id)):
@@ -525,52 +539,249 @@ class Pool:
                                         f"volume {existing.source_volume_id} with other arguments")
                 return existing
             volume = self.get_volume(source_volume_id)
-            freeze = _flag(params, FSFREEZE)
             self._check_room(0)
-            return self._cut(name, volume, params, freeze=freeze)
+            [snapshot] = self._cut([(name, volume)], params)
+            return snapshot
 
-    def _cut(self, name: str, volume: Volume, params: dict[str, str], *, freeze: bool) -> Snapshot:
-        handler = self._handler(volume)
+    def create_group_snapshot(self, name: str, volume_ids: list[str], *,
+                              parameters: dict[str, str] | None = None) -> GroupSnapshot:
+        """Cut snapshots of several volumes at one instant, or return the
+        group already made under ``name``.  One quiesce covers every guest
+        using them, and each owner switches its volumes in one atomic step
+        (the node's storage daemon in one QMP ``transaction``, a domain in
+        one libvirt snapshot); closed volumes switch together in the
+        catalog's commit.
+
+        :raises InvalidArgument: a bad name or parameter, no volumes, or a
+            volume named twice.
+        :raises AlreadyExists: ``name`` exists with other volumes or parameters.
+        :raises NotFound: a volume does not exist.
+        :raises PoolFull: no room for the overlays.
+        :raises InUse: a volume is open by an owner qsnap cannot cut through.
+        """
+        validate.check_name("group snapshot", name)
+        params = self._snapshot_parameters(parameters)
+        if not volume_ids:
+            raise InvalidArgument("a group snapshot needs at least one volume")
+        if len(set(volume_ids)) != len(volume_ids):
+            raise InvalidArgument("a group snapshot names a volume twice")
+        for volume_id in volume_ids:
+            if not validate.check_id("volume", volume_id):
+                raise NotFound(f"volume {volume_id} does not exist")
+        keys = [f"group-name:{name}"] + [_vkey(v) for v in sorted(volume_ids)]
+        with self.hold(*keys):
+            with self.catalog.reading() as tx:
+                existing = tx.group_by_name(name)
+                members = tx.group_members(existing.id) if existing else []
+            if existing is not None:
+                sources = sorted(m.source_volume_id for m in members)
+                if sources != sorted(volume_ids) or existing.parameters != params:
+                    raise AlreadyExists(f"group snapshot {name} already exists (ID {existing.id}) "
+                                        "for other volumes or parameters")
+                return existing
+            volumes = [self.get_volume(v) for v in volume_ids]
+            self._check_room(0)
+            group = GroupSnapshot(id=new_id("g"), name=name, created_ns=0, snapshot_ids=(),
+                                  parameters=params)
+            snapshots = self._cut([(f"{group.id}-{v.id}", v) for v in volumes], params,
+                                  group=group)
+            with self.catalog.reading() as tx:
+                made = tx.group(group.id)
+            assert made is not None and len(made.snapshot_ids) == len(snapshots)
+            return made
+
+    def get_group_snapshot(self, group_id: str) -> GroupSnapshot:
+        """:raises NotFound: no such group snapshot."""
+        if not validate.check_id("group snapshot", group_id):
+            raise NotFound(f"group snapshot {group_id} does not exist")
+        with self.catalog.reading() as tx:
+            group = tx.group(group_id)
+        if group is None:
+            raise NotFound(f"group snapshot {group_id} does not exist")
+        return group
+
+    def delete_group_snapshot(self, group_id: str) -> None:
+        """Delete a group snapshot and every snapshot cut in it.
+
+        :raises NotFound: no such group snapshot (CSI callers treat this as done).
+        """
+        if not validate.check_id("group snapshot", group_id):
+            raise NotFound(f"group snapshot {group_id} does not exist")
+        with self.hold(f"group:{group_id}"):
+            with self.catalog.transaction() as tx:
+                group = tx.group(group_id)
+                if group is None:
+                    raise NotFound(f"group snapshot {group_id} does not exist")
+                for snapshot_id in group.snapshot_ids:
+                    tx.drop_snapshot(snapshot_id)
+                tx.drop_group(group_id)
+        log.info("group snapshot %s: deleted (%s) with snapshots %s", group_id, group.name,
+                 ", ".join(group.snapshot_ids) or "none")
+        self._notify()
+
+    def _snapshot_parameters(self, parameters: dict[str, str] | None) -> dict[str, str]:
+        """Validated snapshot parameters (values too, so that a bad one fails
+        before anything is cut).
+
+        :raises InvalidArgument: an unknown key or a bad value.
+        """
+        params = dict(parameters or {})
+        validate.check_parameters("snapshot", params, SNAPSHOT_PARAMETERS)
+        _flag(params, FSFREEZE)
+        Policy.parse(params.get(GUEST_AGENT))
+        parse_deadline(params.get(FREEZE_DEADLINE))
+        return params
+
+    def _cut(self, items: list[tuple[str, Volume]], params: dict[str, str], *,
+             group: GroupSnapshot | None = None) -> list[Snapshot]:
+        """Cut every volume in ``items`` (name, volume) at one instant; the
+        caller holds their locks.  Files first, then one quiesce around the
+        owners' switches only, then one catalog commit.  A failure before
+        any switch removes every new file; one after some owner switched
+        commits those volumes' new tops without snapshots (their cut layers
+        are merged away later) and removes the rest: nothing half-made
+        stays, and no volume's catalog top disagrees with its owner."""
         started = time.monotonic()
+        fsfreeze = _flag(params, FSFREEZE)
+        handlers = [self._handler(volume) for _, volume in items]
         now = _now_ns()
-        new_top = new_id("l")
-        # How the cut is taken; an owner's switch may add detail.  Recorded in
-        # the intent so that a recovered snapshot says it too.
-        taken = ("Offline",) if handler is None else ("Online",)
-        snapshot = Snapshot(id=new_id("s"), name=name, source_volume_id=volume.id,
-                            size_bytes=volume.size_bytes, created_ns=now,
-                            layer=volume.top_layer, parameters=params, indications=taken)
-        body = {"snapshot": _snapshot_body(snapshot), "new_top": new_top}
-        intent = self._begin("snapshot", body, new=(new_top,), pins=(volume.top_layer,))
-        self._make_layer(new_top, volume.size_bytes, volume.top_layer)
-        self._crash_point("snapshot:after-file")
-        if handler is not None:
-            body["snapshot"]["indications"] = list(
-                self._switch(handler, intent, [(volume, new_top)], freeze=freeze))
+        group_id = group.id if group else ""
+        snapshots = [Snapshot(id=new_id("s"), name=name, source_volume_id=volume.id,
+                              size_bytes=volume.size_bytes, created_ns=now,
+                              layer=volume.top_layer, parameters=params, group_id=group_id)
+                     for name, volume in items]
+        new_tops = [new_id("l") for _ in items]
+        body: dict[str, Any] = {"snapshots": [_snapshot_body(s) for s in snapshots],
+                                "new_tops": new_tops, "switched": []}
+        if group is not None:
+            body["group"] = {"id": group.id, "name": group.name, "created_ns": now,
+                             "parameters": params, "indications": []}
+        intent = self._begin("snapshot", body, new=tuple(new_tops),
+                             pins=tuple(v.top_layer for _, v in items))
+        switched: list[str] = []
+        try:
+            for (_, volume), new_top in zip(items, new_tops):
+                self._make_layer(new_top, volume.size_bytes, volume.top_layer)
+            self._crash_point("snapshot:after-file")
+            by_owner: dict[int, tuple[TopOwner, list[tuple[Volume, str]]]] = {}
+            for (_, volume), new_top, handler in zip(items, new_tops, handlers):
+                if handler is not None:
+                    by_owner.setdefault(id(handler), (handler, []))[1].append((volume, new_top))
+            owner_marks: dict[str, tuple[str, ...]] = {}
+            with self._quiesced([v for _, v in items], params) as session:
+                session.check()
+                for handler, cuts in by_owner.values():
+                    marks = handler.switch(cuts, freeze=fsfreeze)
+                    for volume, _ in cuts:
+                        owner_marks[volume.id] = marks
+                        switched.append(volume.id)
+            window = session.frozen_window_s()
+        except BaseException as exc:
+            # An owner that failed part-way says which volumes it switched.
+            switched.extend(getattr(exc, "switched", ()))
+            self._abandon_cut(intent, body, switched)
+            raise
+        for i, (snapshot, handler) in enumerate(zip(snapshots, handlers)):
+            marks = list(owner_marks.get(snapshot.source_volume_id, ()))
+            marks += session.indications_for(snapshot.source_volume_id)
+            snapshots[i] = replace(snapshot, indications=_order_indications(
+                marks, online=handler is not None or bool(marks)))
+        body["snapshots"] = [_snapshot_body(s) for s in snapshots]
+        if group is not None:
+            body["group"]["indications"] = list(_order_indications(
+                [i for s in snapshots for i in s.indications], online=False))
         with self.catalog.transaction() as tx:
             deeper = self._apply_snapshot(tx, intent, body)
         self._observe("cut", time.monotonic() - started)
-        log.info("snapshot %s: cut %s of volume %s at layer %s (%s)", snapshot.id, name, volume.id,
-                 volume.top_layer, ", ".join(body["snapshot"]["indications"]))
+        if window is not None:
+            self._observe("frozen", window)
+        for snapshot in snapshots:
+            log.info("snapshot %s: cut %s of volume %s at layer %s (%s)%s", snapshot.id,
+                     snapshot.name, snapshot.source_volume_id, snapshot.layer,
+                     ", ".join(snapshot.indications),
+                     f" in group {group.id}" if group else "")
         self._crash_point("snapshot:after-commit")
         if deeper:
             self._notify()
-        return replace(snapshot, indications=tuple(body["snapshot"]["indications"]))
+        return snapshots
+
+    @contextmanager
+    def _quiesced(self, volumes: list[Volume], params: dict[str, str]) -> Iterator[QuiesceSession]:
+        """The attached quiescer's session for these volumes, or a session
+        that quiets nothing."""
+        if self._quiescer is None:
+            yield _NO_QUIESCE
+            return
+        paths = {v.id: self._access_paths(v) for v in volumes}
+        with self._quiescer.quiesce(paths, params) as session:
+            yield session
+
+    def _access_paths(self, volume: Volume) -> list[Path | str]:
+        """Every file or device through which a process may use the volume:
+        its top layer file, the device the node serves, and block
+        publications (device nodes bind-mounted elsewhere)."""
+        paths: list[Path | str] = [self.layout.layer_path(volume.top_layer)]
+        with self.catalog.reading() as tx:
+            staging = tx.staging(volume.id)
+            publications = tx.publications(volume.id) if staging else []
+        if staging is not None:
+            if staging.device:
+                paths.append(staging.device)
+            if staging.access == "block":
+                paths.append(staging.staging_path)
+                paths.extend(p.target_path for p in publications)
+        return paths
+
+    def _abandon_cut(self, intent: int, body: dict[str, Any], switched: list[str]) -> None:
+        """Undo a cut that failed: volumes an owner already switched keep
+        their new top (recorded without a snapshot), every other new file is
+        removed, and the intent goes."""
+        keep = {}
+        for snap, new_top in zip(body["snapshots"], body["new_tops"]):
+            if snap["source"] in switched:
+                keep[new_top] = snap
+        for new_top in body["new_tops"]:
+            if new_top not in keep:
+                self.layout.unlink(new_top)
+        with self.catalog.transaction() as tx:
+            for new_top, snap in keep.items():
+                cut = tx.need_layer(snap["layer"])
+                tx.set_read_only(cut.id)
+                tx.add_layer(Layer(new_top, cut.id, cut.depth + 1, snap["size"], False),
+                             snap["created_ns"])
+                tx.set_top(snap["source"], new_top)
+                log.warning("snapshot %s: volume %s was switched to layer %s before the cut "
+                            "failed; no snapshot is recorded, the cut layer is merged away later",
+                            snap["id"], snap["source"], new_top)
+            tx.drop_intent(intent)
+        if keep:
+            self._notify()
 
     def _apply_snapshot(self, tx: Tx, intent: int, body: dict[str, Any]) -> bool:
-        snapshot = _snapshot_from_body(body["snapshot"])
-        volume = tx.volume(snapshot.source_volume_id)
-        cut = tx.need_layer(snapshot.layer)
-        if volume is None or volume.top_layer != cut.id:
-            raise CatalogCorrupt(f"snapshot intent {intent}: volume {snapshot.source_volume_id} "
-                                 f"moved away from layer {cut.id} during the cut")
-        tx.set_read_only(cut.id)
-        tx.add_layer(Layer(body["new_top"], cut.id, cut.depth + 1, snapshot.size_bytes, False),
-                     snapshot.created_ns)
-        tx.set_top(volume.id, body["new_top"])
-        tx.add_snapshot(snapshot)
+        if "snapshot" in body:      # an intent written before group snapshots
+            body = {"snapshots": [body["snapshot"]], "new_tops": [body["new_top"]]}
+        deeper = False
+        group = body.get("group")
+        if group is not None:
+            tx.add_group(GroupSnapshot(id=group["id"], name=group["name"],
+                                       created_ns=group["created_ns"], snapshot_ids=(),
+                                       parameters=group["parameters"],
+                                       indications=tuple(group["indications"])))
+        for snap, new_top in zip(body["snapshots"], body["new_tops"]):
+            snapshot = _snapshot_from_body(snap)
+            volume = tx.volume(snapshot.source_volume_id)
+            cut = tx.need_layer(snapshot.layer)
+            if volume is None or volume.top_layer != cut.id:
+                raise CatalogCorrupt(f"snapshot intent {intent}: volume {snapshot.source_volume_id} "
+                                     f"moved away from layer {cut.id} during the cut")
+            tx.set_read_only(cut.id)
+            tx.add_layer(Layer(new_top, cut.id, cut.depth + 1, snapshot.size_bytes, False),
+                         snapshot.created_ns)
+            tx.set_top(volume.id, new_top)
+            tx.add_snapshot(snapshot)
+            deeper = deeper or cut.depth + 1 > self.config.depth_cap
         tx.drop_intent(intent)
-        return cut.depth + 1 > self.config.depth_cap
+        return deeper
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot.  Its layer stays while volumes depend on it.
@@ -590,14 +801,39 @@ class Pool:
 
     # -- shared steps ----------------------------------------------------
 
-    def _handler(self, volume: Volume) -> TopOwner | None:
+    def _handler(self, volume: Volume, *, top_held: bool = False) -> TopOwner | None:
         """Who must change the volume's top: None when qsnap may itself.
+
+        The catalog says who owns a volume, and QEMU's image locks say
+        whether anyone really has its top open: a closed volume whose top a
+        domain opened directly becomes domain-owned (so that merges leave
+        its chain alone), and a domain-owned one whose top nobody holds any
+        more is closed again.
 
         :raises InUse: the volume is open by an owner this process has no
             way to reach.
         """
-        if volume.owner is Owner.CLOSED:
-            return None
+        if volume.owner in (Owner.CLOSED, Owner.DOMAIN):
+            top = self.layout.layer_path(volume.top_layer)
+            writer = image_locks(top).writer
+            if writer and volume.owner is Owner.CLOSED and not top_held:
+                # A merge rewriting the top holds it for a moment: wait for
+                # it, then look again.
+                with self.hold(top_file_key(volume.id)):
+                    writer = image_locks(top).writer
+            owner = Owner.DOMAIN if writer else Owner.CLOSED
+            if writer and Owner.DOMAIN not in self._owners:
+                raise InUse(f"volume {volume.id}: its top layer {top} is open for writing by "
+                            "another process, and this driver has no connection to libvirt "
+                            "to switch it through")
+            if owner is not volume.owner:
+                with self.catalog.transaction() as tx:
+                    tx.set_owner(volume.id, owner)
+                log.info("volume %s: %s", volume.id, "a domain has its top open: domain-owned"
+                         if writer else "no process has its top open any more: closed")
+            if owner is Owner.CLOSED:
+                return None
+            return self._owners[Owner.DOMAIN]
         if volume.owner not in self._owners:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}) and this driver "
                         "has no connection to its owner")
@@ -621,9 +857,14 @@ class Pool:
         return indications
 
     def _require_closed(self, volume: Volume) -> None:
+        """:raises InUse: the catalog names an owner, or a process has the
+        volume's top open (QEMU's image locks)."""
         if volume.owner is not Owner.CLOSED:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}); "
                         "release it before this operation")
+        if image_locks(self.layout.layer_path(volume.top_layer)).writer:
+            raise InUse(f"volume {volume.id} is open: a process (a domain's QEMU?) has its top "
+                        "layer open for writing; release it before this operation")
 
     def _begin(self, kind: str, body: dict[str, Any], *, new: tuple[str, ...] = (),
                pins: tuple[str, ...] = ()) -> int:
@@ -685,12 +926,23 @@ class Pool:
         files = {
             "create": lambda b: [b["layer"]],
             "clone": lambda b: [b["origin_top"], b["clone_top"]],
-            "snapshot": lambda b: [b["new_top"]],
+            "snapshot": lambda b: b["new_tops"] if "new_tops" in b else [b["new_top"]],
         }
         body = intent.body
+        if intent.kind == "snapshot" and "snapshot" in body:    # written before group snapshots
+            body = {"snapshots": [body["snapshot"]], "new_tops": [body["new_top"]]}
         if intent.kind in files:
             made = files[intent.kind](body)
-            if all(self.layout.layer_path(layer).exists() for layer in made):
+            unswitched = self._unswitched(body) if intent.kind == "snapshot" else []
+            if unswitched and all(self.layout.layer_path(layer).exists() for layer in made):
+                # An owner still writes the old top: the crash came before its
+                # switch.  Nothing may claim the new files for those volumes.
+                switched = [s["source"] for s in body["snapshots"]
+                            if s["source"] not in unswitched]
+                self._abandon_cut(intent.id, body, switched)
+                log.info("recovery: undid snapshot intent %d: volumes %s were never switched",
+                         intent.id, ", ".join(unswitched))
+            elif all(self.layout.layer_path(layer).exists() for layer in made):
                 apply = {"create": self._apply_create, "clone": self._apply_clone,
                          "snapshot": self._apply_snapshot}[intent.kind]
                 with self.catalog.transaction() as tx:
@@ -715,6 +967,14 @@ class Pool:
         else:
             from engine.reclaim import recover_merge
             recover_merge(self, intent)
+
+    def _unswitched(self, body: dict[str, Any]) -> list[str]:
+        """Volumes of a snapshot intent whose old top a process still holds
+        open for writing: their owner never switched to the new top.  (When
+        nobody holds either file the new top is kept: it may hold writes
+        made after a switch, and over an unswitched volume it is empty.)"""
+        return [s["source"] for s in body["snapshots"]
+                if image_locks(self.layout.layer_path(s["layer"])).writer]
 
     def _drop_intent(self, intent_id: int) -> None:
         with self.catalog.transaction() as tx:
@@ -818,3 +1078,38 @@ def _snapshot_from_body(b: dict[str, Any]) -> Snapshot:
     return Snapshot(id=b["id"], name=b["name"], source_volume_id=b["source"], size_bytes=b["size"],
                     created_ns=b["created_ns"], layer=b["layer"], parameters=b["parameters"],
                     indications=tuple(b.get("indications", ())))
+
+
+class _NoQuiesce:
+    """The session when no quiescer is attached: nothing is quiet, nothing
+    can overrun."""
+
+    def check(self) -> None:
+        pass
+
+    def indications_for(self, volume_id: str) -> tuple[str, ...]:
+        return ()
+
+    def frozen_window_s(self) -> float | None:
+        return None
+
+
+_NO_QUIESCE = _NoQuiesce()
+
+# The order indications are shown in: how the cut was taken first, then
+# what the guests did, then host-side detail.
+_INDICATION_ORDER = ("Online", "Offline", "GuestAgent", "NoGuestAgent", "QuiesceFailed",
+                     "QuiesceTimeout", "QuiesceDisabled", "Paused", "FilesystemFrozen")
+
+
+def _order_indications(marks: list[str] | tuple[str, ...], *, online: bool) -> tuple[str, ...]:
+    """``marks`` without duplicates in a stable order, with ``Online`` or
+    ``Offline`` (never both)."""
+    seen = set(marks)
+    if online or "Online" in seen:
+        seen.add("Online")
+        seen.discard("Offline")
+    elif not seen:
+        seen.add("Offline")
+    rank = {name: i for i, name in enumerate(_INDICATION_ORDER)}
+    return tuple(sorted(seen, key=lambda m: (rank.get(m, len(rank)), m)))

@@ -33,6 +33,7 @@ from engine.catalog import Intent, Tx
 from engine.errors import Busy, EngineError
 from engine.model import Layer, Owner
 from engine.pool import top_file_key
+from engine.qemu_img import image_locks
 
 if TYPE_CHECKING:
     from engine.pool import Pool
@@ -118,12 +119,18 @@ class _Route:
     via: _Opener | None
 
 
-def _route(openers: dict[str, list[_Opener]], layers: list[str]) -> _Route | None:
+def _route(pool: "Pool", openers: dict[str, list[_Opener]], layers: list[str]) -> _Route | None:
     """How layers can be merged; None when they cannot be now: open by
-    several volumes (each holds the files; a write would conflict) or by an
-    owner through which qsnap cannot merge."""
+    several volumes (each holds the files; a write would conflict), by an
+    owner through which qsnap cannot merge, or, for layers the catalog
+    calls closed, by any process at all (a domain that opened a volume's
+    files directly and has not been seen by a cut yet)."""
     found = {o.volume_id: o for layer in layers for o in openers.get(layer, [])}
     if not found:
+        for layer in layers:
+            if image_locks(pool.layout.layer_path(layer)).in_use:
+                log.info("layer %s: open by a process qsnap does not own; merge postponed", layer)
+                return None
         return _Route(None)
     if len(found) > 1:
         return None
@@ -181,7 +188,8 @@ def _collapse(pool: "Pool", parent_id: str, openers: dict[str, list[_Opener]]) -
             return False
         child = children[0]
         grandchildren = tx.children(child.id)
-    route = _route(openers, [child.id, parent_id])
+    # Grandchildren are rewritten too (their backing moves to the parent).
+    route = _route(pool, openers, [child.id, parent_id, *(g.id for g in grandchildren)])
     if route is None:
         return False
     if route.via is not None and route.via.top == child.id:
@@ -297,7 +305,7 @@ def _flatten(pool: "Pool", layer_id: str, openers: dict[str, list[_Opener]]) -> 
     target_depth = max(1, pool.config.depth_cap // 2)
     with pool.catalog.reading() as tx:
         chain = tx.chain(layer_id)
-    route = _route(openers, [x.id for x in chain])
+    route = _route(pool, openers, [x.id for x in chain])
     if route is None or len(chain) < 2:
         return False
     if route.via is not None and route.via.top == chain[0].id:

@@ -22,6 +22,10 @@ MAX_VOLUME_SIZE = 64 * TIB
 
 VOLUME_ID = re.compile(r"^v-[0-9a-f]{32}$")
 SNAPSHOT_ID = re.compile(r"^s-[0-9a-f]{32}$")
+GROUP_ID = re.compile(r"^g-[0-9a-f]{32}$")
+VM_SNAPSHOT_ID = re.compile(r"^m-[0-9a-f]{32}$")
+_ID_PATTERNS = {"volume": VOLUME_ID, "snapshot": SNAPSHOT_ID, "group snapshot": GROUP_ID,
+                "VM snapshot": VM_SNAPSHOT_ID}
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 
 # Keys the Kubernetes sidecars add with --extra-create-metadata: accepted and
@@ -57,8 +61,7 @@ def check_id(kind: str, value: str) -> bool:
     :raises InvalidArgument: the value is empty, over-long or path-like.
     """
     _check_text(f"{kind} ID", value)
-    pattern = VOLUME_ID if kind == "volume" else SNAPSHOT_ID
-    return bool(pattern.match(value))
+    return bool(_ID_PATTERNS[kind].match(value))
 
 
 def round_size(required: int, limit: int, *, floor: int = 0) -> int:

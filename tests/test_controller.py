@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from csidriver.pb import csi_pb2, qsnap_pb2
+from engine.qemu_img import image_locks
 
 if TYPE_CHECKING:
     # Only for annotations: several test directories have a conftest.py, so
@@ -1017,32 +1018,36 @@ def test_every_engine_error_has_one_code() -> None:
 
 def test_open_volume_is_failed_precondition(driver: Driver) -> None:
     vol = create(driver, "in-use")
-    catalog = driver.pool_root / "catalog.db"
-
-    def set_owner(owner: str) -> None:
-        db = sqlite3.connect(catalog, timeout=10)
-        try:
-            with db:
-                db.execute("UPDATE volumes SET owner = ? WHERE id = ?", (owner, vol.volume_id))
-        finally:
-            db.close()
-
-    # A domain's QEMU has it open, and this driver has no libvirt connection.
-    set_owner("domain")
-    c = driver.controller
-    for method, req in [
-        (c.DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id)),
-        (c.CreateSnapshot, csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=vol.volume_id)),
-        (c.CreateVolume, volume_req("clone", volume=vol.volume_id)),
-        (c.ControllerExpandVolume, csi_pb2.ControllerExpandVolumeRequest(
-            volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MIB))),
-    ]:
-        e = error(method, req)
-        assert e.code() == Code.FAILED_PRECONDITION, method
-        assert "is open" in e.details()
-    set_owner("closed")
-    c.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
-    wait_empty(driver)
+    # A QEMU process other than the driver's own has the top open for
+    # writing (as a domain that opened the file directly would): nothing may
+    # switch or change it behind that process's back.
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(top(driver, vol.volume_id))],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not image_locks(top(driver, vol.volume_id)).writer:
+            assert time.monotonic() < deadline, "qemu-io did not open the image"
+            time.sleep(0.05)
+        c = driver.controller
+        for method, req in [
+            (c.DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id)),
+            (c.CreateSnapshot, csi_pb2.CreateSnapshotRequest(name="s",
+                                                             source_volume_id=vol.volume_id)),
+            (c.CreateVolume, volume_req("clone", volume=vol.volume_id)),
+            (c.ControllerExpandVolume, csi_pb2.ControllerExpandVolumeRequest(
+                volume_id=vol.volume_id,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MIB))),
+        ]:
+            e = error(method, req)
+            assert e.code() == Code.FAILED_PRECONDITION, method
+            assert "is open" in e.details(), e.details()
+    finally:
+        holder.communicate(b"quit\n", timeout=30)
+    # Nothing was made while it was open, and once it is closed all works.
+    assert list(driver.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest()).entries) == []
+    driver.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=vol.volume_id))
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
 
 
 def test_broken_layer_is_internal_with_a_clear_message(driver: Driver) -> None:
