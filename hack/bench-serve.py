@@ -13,12 +13,24 @@ stride touches a new cluster each time, which is what random I/O costs a
 qcow2).  Run as root on an idle machine:
 
     .venv/bin/python hack/bench-serve.py [--size 1G] [--depth-cap 16]
+
+With ``--cuts N`` it measures live-cut latency instead: an ext4 volume is
+staged, a writer appends 64 KiB and fsyncs in a loop on it, and N snapshots
+are taken through the engine (``Pool.create_snapshot``, what CreateSnapshot
+runs), ``--interval`` seconds apart.  Each cut is broken down into the
+engine's own time, the node's switch, and each QMP command the switch sends:
+
+    .venv/bin/python hack/bench-serve.py --cuts 40 [--size 1G]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import statistics
+import threading
+import time
 import shutil
 import subprocess
 import sys
@@ -60,12 +72,113 @@ def bench(target: str, fmt: str, args: list[str], write: bool, *, cache: str) ->
     return count * size / seconds / (1 << 20)
 
 
+def _ms(values: list[float], q: float) -> str:
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:7.2f}"
+
+
+def live_cuts(size: int, count: int, interval: float, *, idle: bool = False) -> int:
+    """Live-cut latency under an fsync-heavy writer, with a breakdown."""
+    from engine.node import MOUNT
+    from engine.qsd import StorageDaemon
+
+    timings: dict[str, list[float]] = {}
+    local = threading.local()
+
+    def timed(name: str, fn):  # type: ignore[no-untyped-def]
+        def wrapper(*a, **kw):  # type: ignore[no-untyped-def]
+            if not getattr(local, "on", False):
+                return fn(*a, **kw)
+            started = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timings.setdefault(name, []).append(time.perf_counter() - started)
+        return wrapper
+
+    original_qmp = StorageDaemon.qmp
+
+    def qmp(self, command, arguments=None, **kw):  # type: ignore[no-untyped-def]
+        return timed(f"  qmp {command}", original_qmp)(self, command, arguments, **kw)
+
+    StorageDaemon.qmp = qmp  # type: ignore[method-assign]
+    Node.switch = timed("node.switch (QSD cut)", Node.switch)  # type: ignore[method-assign]
+
+    work = Path(tempfile.mkdtemp(prefix="qsnap-bench-cut-", dir="/tmp"))
+    pool = Pool.open(work / "pool")
+    node = Node(pool, work / "run")
+    node.start()
+    stop = threading.Event()
+    written = [0]
+    try:
+        volume = pool.create_volume("cut-bench", required_bytes=size)
+        staging = work / "stage"
+        node.stage(volume.id, staging, Access(MOUNT, "ext4"))
+        print(f"volume served over {node.transport}; device {node._staging(volume.id).device}")
+
+        def writer() -> None:
+            block = os.urandom(64 << 10)
+            fd = os.open(staging / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                while not stop.is_set():
+                    os.write(fd, block)
+                    os.fsync(fd)
+                    written[0] += len(block)
+                    if written[0] % (size // 2) < len(block):
+                        os.ftruncate(fd, 0)          # stay inside the volume
+            finally:
+                os.close(fd)
+
+        thread = threading.Thread(target=writer, daemon=True)
+        if not idle:
+            thread.start()
+        time.sleep(1.0)
+        totals: list[float] = []
+        local.on = True
+        started_all = time.monotonic()
+        for i in range(count):
+            started = time.perf_counter()
+            pool.create_snapshot(f"cut-{i}", volume.id)
+            totals.append(time.perf_counter() - started)
+            time.sleep(interval)
+        local.on = False
+        elapsed = time.monotonic() - started_all
+        stop.set()
+        if not idle:
+            thread.join()
+        print(f"{count} cuts while the writer wrote {written[0] / (1 << 20) / elapsed:.0f} MiB/s"
+              f" (64 KiB + fsync per write)")
+        print(f"{'step':34} {'n':>4} {'min':>7} {'p50':>7} {'p90':>7} {'max':>7}  (ms)")
+        rows = [("create_snapshot (whole cut)", totals)] + sorted(timings.items())
+        for name, values in rows:
+            print(f"{name:34} {len(values):>4} {_ms(values, 0):>7} {_ms(values, 0.5):>7}"
+                  f" {_ms(values, 0.9):>7} {max(values) * 1000:7.2f}")
+        print(f"mean whole cut {statistics.mean(totals) * 1000:.2f} ms")
+    finally:
+        stop.set()
+        node.stop()
+        with pool.catalog.reading() as tx:
+            leftovers = tx.stagings()
+        for staging_row in leftovers:
+            node.unstage(staging_row.volume_id, Path(staging_row.staging_path))
+        node.shutdown()
+        pool.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="2G", help="volume size (default 2G)")
     p.add_argument("--depth-cap", type=int, default=16)
+    p.add_argument("--cuts", type=int, default=0, help="measure N live cuts instead")
+    p.add_argument("--idle", action="store_true", help="with --cuts: no writer")
+    p.add_argument("--interval", type=float, default=0.05,
+                   help="seconds between cuts (default 0.05)")
     args = p.parse_args()
     size = parse_size(args.size)
+    if args.cuts:
+        return live_cuts(size, args.cuts, args.interval, idle=args.idle)
     work = Path(tempfile.mkdtemp(prefix="qsnap-bench-serve-", dir="/tmp"))
     pool = Pool.open(work / "pool", config=PoolConfig(depth_cap=args.depth_cap))
     node = Node(pool, work / "run")
