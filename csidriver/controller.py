@@ -164,6 +164,8 @@ def fill_snapshot(msg: csi_pb2.Snapshot, s: Snapshot) -> csi_pb2.Snapshot:
     # Exact: creation_time must not change between repeated calls.
     msg.creation_time.seconds, msg.creation_time.nanos = divmod(s.created_ns, 1_000_000_000)
     msg.ready_to_use = s.ready
+    if s.group_id:
+        msg.group_snapshot_id = s.group_id
     return msg
 
 
@@ -175,9 +177,12 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     """:param pool: the open pool.
     :param drivername: prefixes the volume context keys.
     :param nodeid: the node whose pool holds the volumes.
+    :param ops: the keyed lock of in-flight calls, shared with the
+        GroupController so that calls of both on one volume exclude each other.
     """
 
-    def __init__(self, pool: Pool, drivername: str, nodeid: str) -> None:
+    def __init__(self, pool: Pool, drivername: str, nodeid: str,
+                 ops: KeyedLock | None = None) -> None:
         self.pool = pool
         self.capabilities = frozenset(CAPABILITIES)
         # Small and stable: the same for every call on every volume of this
@@ -185,7 +190,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         self.volume_context = {f"{drivername}/node": nodeid}
         self.nodeid = nodeid
         self.topology = csi_pb2.Topology(segments={TOPOLOGY_KEY: nodeid})
-        self._ops = KeyedLock()
+        self._ops = ops if ops is not None else KeyedLock()
 
     # -- shared steps ----------------------------------------------------
 

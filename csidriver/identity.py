@@ -24,10 +24,12 @@ Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 # What this plugin serves.  The Node service has no capability of its own:
 # VOLUME_ACCESSIBILITY_CONSTRAINTS says that volumes carry the topology
-# segment NodeGetInfo reports (a volume lives in one node's pool).  The
-# GroupController service adds its line when its servicer is registered.
+# segment NodeGetInfo reports (a volume lives in one node's pool).
+# GROUP_CONTROLLER_SERVICE: group snapshots (csidriver/group.py), served on
+# the same endpoint; the CO's snapshotter looks for it before calling it.
 SERVICES: tuple[csi_pb2.PluginCapability.Service.Type, ...] = (
     Service.CONTROLLER_SERVICE,
+    Service.GROUP_CONTROLLER_SERVICE,
     Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
 )
 # A staged volume grows while in use: the node's qemu-storage-daemon resizes

@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from csidriver.controller import Controller
 from csidriver.errors import ErrorInterceptor, wrap_handler
+from csidriver.group import GroupController
 from csidriver.identity import Identity
 from csidriver.inspect import Inspect
 from csidriver.metrics import Metrics
@@ -40,6 +41,7 @@ from engine.errors import EngineError, InvalidArgument
 from engine.freeze import Freezer
 from engine.guests import GuestQuiescer
 from engine.layout import default_root
+from engine.locks import KeyedLock
 from engine.model import Owner
 from engine.node import Node
 from engine.pool import Pool, PoolConfig
@@ -301,11 +303,15 @@ Registration = tuple[Callable[[Any, grpc.Server], None], Any]
 def services(pool: Pool, node: Node, options: Options,
              stats: MaintenanceStats) -> list[Registration]:
     """Every servicer this process serves, with the function that registers it."""
+    # One set of in-flight keys for both: a group cut and a single cut (or
+    # a deletion) of the same volume answer each other ABORTED.
+    ops = KeyedLock()
     return [
         (csi_pb2_grpc.add_IdentityServicer_to_server,
          Identity(options.drivername, pool, options.nodeid)),
         (csi_pb2_grpc.add_ControllerServicer_to_server,
-         Controller(pool, options.drivername, options.nodeid)),
+         Controller(pool, options.drivername, options.nodeid, ops=ops)),
+        (csi_pb2_grpc.add_GroupControllerServicer_to_server, GroupController(pool, ops=ops)),
         (csi_pb2_grpc.add_NodeServicer_to_server,
          NodeService(node, pool, options.nodeid, max_volumes=options.max_volumes)),
         (qsnap_pb2_grpc.add_InspectServicer_to_server, Inspect(pool, stats)),
@@ -316,6 +322,7 @@ def services(pool: Pool, node: Node, options: Options,
 HEALTH_SERVICES: tuple[str, ...] = (
     csi_pb2.DESCRIPTOR.services_by_name["Identity"].full_name,
     csi_pb2.DESCRIPTOR.services_by_name["Controller"].full_name,
+    csi_pb2.DESCRIPTOR.services_by_name["GroupController"].full_name,
     csi_pb2.DESCRIPTOR.services_by_name["Node"].full_name,
     qsnap_pb2.DESCRIPTOR.services_by_name["Inspect"].full_name,
 )

@@ -75,8 +75,10 @@ def test_plugin_capabilities(driver: Driver) -> None:
     services = {c.service.type for c in caps.capabilities if c.HasField("service")}
     expansions = {c.volume_expansion.type for c in caps.capabilities
                   if c.HasField("volume_expansion")}
-    # Volumes live on one node and say so with a topology segment.
-    assert services == {Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+    # Volumes live on one node and say so with a topology segment; group
+    # snapshots are served by the GroupController (tests/test_group_controller.py).
+    assert services == {Service.CONTROLLER_SERVICE, Service.GROUP_CONTROLLER_SERVICE,
+                        Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
     # Served volumes grow through qemu-storage-daemon while in use.
     assert expansions == {Expansion.ONLINE}
 
