@@ -2,13 +2,14 @@
 is given (off by default).
 
 Request metrics are pushed as they happen (RPC latency by method and code,
-snapshot cut time); the pool's state is read at scrape time by a collector,
+snapshot cut time, the window guests stay frozen); the pool's state is read at scrape time by a collector,
 so a scrape always sees the catalog as it is rather than a cached copy.
 Everything lives in a registry of its own: nothing global.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,10 @@ CUT_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.
                0.25, 1.0)
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                5.0, 10.0, 30.0)
+# A guest stays frozen from its agent's fsfreeze to its thaw: a few ms
+# around a local cut, up to seconds when an agent is slow; past 5 s it
+# counts as an outage, and the last bucket (+Inf) is where to look.
+FROZEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class PoolCollector(Collector):
@@ -79,6 +84,36 @@ class PoolCollector(Collector):
                                   value=self.stats.reclaimed_layers)
         yield CounterMetricFamily("qsnap_maintenance_passes",
                                   "Maintenance passes run since start.", value=self.stats.passes)
+        yield self._indications()
+
+    def _indications(self) -> GaugeMetricFamily:
+        """Snapshots in the pool by indication (a snapshot counts once for
+        each of its indications): how many cuts were application-consistent
+        (GuestAgent), crash-consistent (NoGuestAgent, QuiesceFailed...).
+
+        A gauge of what exists, read at scrape time, rather than a counter
+        of cuts: the pool's observers report durations only.  Grouped by the
+        stored text in SQL, so a scrape decodes one row per distinct set of
+        indications, not one per snapshot (pools hold tens of thousands).
+        """
+        counts: dict[str, int] = {}
+        with self.pool.catalog.reading() as tx:
+            rows = tx.all("SELECT indications, COUNT(*) FROM snapshots GROUP BY indications")
+        for text, count in rows:
+            try:
+                marks = json.loads(text)
+            except ValueError:
+                continue    # an unreadable row is the catalog's concern, not a scrape's
+            for mark in marks if isinstance(marks, list) else ():
+                counts[str(mark)] = counts.get(str(mark), 0) + int(count)
+        family = GaugeMetricFamily(
+            "qsnap_snapshots_by_indication",
+            "Snapshots in the pool carrying each indication (Online, Offline, GuestAgent, "
+            "NoGuestAgent, QuiesceFailed, QuiesceTimeout, QuiesceDisabled, Paused, "
+            "FilesystemFrozen).", labels=["indication"])
+        for mark, count in sorted(counts.items()):
+            family.add_metric([mark], count)
+        return family
 
 
 class Metrics:
@@ -93,6 +128,10 @@ class Metrics:
             "qsnap_snapshot_cut_seconds",
             "Time from recording a cut's intent to its completion (snapshots and clones).",
             buckets=CUT_BUCKETS, registry=self.registry)
+        self.frozen_seconds = Histogram(
+            "qsnap_guest_frozen_seconds",
+            "How long guests stayed frozen around a cut (agent freeze to thaw; cuts that "
+            "froze a guest only).", buckets=FROZEN_BUCKETS, registry=self.registry)
         self.registry.register(PoolCollector(pool, stats))
         pool.add_observer(self.observe)
         self._server: WSGIServer | None = None
@@ -105,6 +144,8 @@ class Metrics:
         """The pool's timing events (see ``Pool.add_observer``)."""
         if event == "cut":
             self.cut_seconds.observe(seconds)
+        elif event == "frozen":
+            self.frozen_seconds.observe(seconds)
 
     def serve(self, address: str, port: int) -> int:
         """Serve ``/metrics`` on ``address:port`` (port 0 picks a free one).

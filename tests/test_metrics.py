@@ -9,9 +9,14 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from csidriver.metrics import FROZEN_BUCKETS, Metrics
 from csidriver.pb import csi_pb2
+from engine.pool import Pool
+from engine.reclaim import MaintenanceStats
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from conftest import DriverFactory
 
 MIB = 1 << 20
@@ -84,6 +89,11 @@ def test_metrics_follow_requests_and_pool_state(driver_factory: "DriverFactory")
     assert _value(m["qsnap_pool_used_bytes"], "qsnap_pool_used_bytes") > 0
     assert _value(m["qsnap_pool_available_bytes"], "qsnap_pool_available_bytes") > 0
     assert _value(m["qsnap_merges"], "qsnap_merges_total", kind="collapse") == 0
+    # Closed volumes are cut offline: every snapshot says so.
+    assert _value(m["qsnap_snapshots_by_indication"], "qsnap_snapshots_by_indication",
+                  indication="Offline") == 3
+    # No guest was frozen: the histogram is there, and empty.
+    assert _value(m["qsnap_guest_frozen_seconds"], "qsnap_guest_frozen_seconds_count") == 0
 
     # Deleting everything: the maintainer reclaims, and the counters say so.
     for i in range(3):
@@ -137,3 +147,51 @@ def test_metrics_are_off_by_default(driver_factory: "DriverFactory") -> None:
     assert not _socket_inodes(quiet.process.pid) & listening
     # The check itself works: the same probe sees the metrics listener.
     assert _socket_inodes(loud.process.pid) & listening
+
+
+def test_frozen_window_histogram(tmp_path: "Path") -> None:
+    """The pool's "frozen" events (a guest's freeze -> thaw window) land in
+    their own histogram, whose buckets span 1 ms to 5 s; "cut" events stay
+    in theirs."""
+    assert FROZEN_BUCKETS[0] == 0.001 and FROZEN_BUCKETS[-1] == 5.0
+    assert list(FROZEN_BUCKETS) == sorted(FROZEN_BUCKETS)
+    pool = Pool.open(tmp_path / "pool")
+    try:
+        metrics = Metrics(pool, MaintenanceStats())
+        for seconds in (0.0015, 0.004, 0.3, 7.0):
+            pool._observe("frozen", seconds)   # as a cut that froze a guest reports it
+        pool._observe("cut", 0.003)
+        sample = metrics.registry.get_sample_value
+        assert sample("qsnap_guest_frozen_seconds_count") == 4
+        assert sample("qsnap_guest_frozen_seconds_sum") == 0.0015 + 0.004 + 0.3 + 7.0
+        assert sample("qsnap_guest_frozen_seconds_bucket", {"le": "0.001"}) == 0
+        assert sample("qsnap_guest_frozen_seconds_bucket", {"le": "0.002"}) == 1
+        assert sample("qsnap_guest_frozen_seconds_bucket", {"le": "0.005"}) == 2
+        assert sample("qsnap_guest_frozen_seconds_bucket", {"le": "5.0"}) == 3
+        assert sample("qsnap_guest_frozen_seconds_bucket", {"le": "+Inf"}) == 4
+        assert sample("qsnap_snapshot_cut_seconds_count") == 1
+        # Unknown events are ignored, not errors: the pool may grow new ones.
+        metrics.observe("something-new", 1.0)
+        assert sample("qsnap_guest_frozen_seconds_count") == 4
+    finally:
+        pool.close()
+
+
+def test_snapshots_by_indication(tmp_path: "Path") -> None:
+    """Scrape-time counts of snapshots per indication, one per indication a
+    snapshot carries, from the catalog as it is."""
+    pool = Pool.open(tmp_path / "pool")
+    try:
+        metrics = Metrics(pool, MaintenanceStats())
+        sample = metrics.registry.get_sample_value
+        assert sample("qsnap_snapshots_by_indication", {"indication": "Offline"}) is None
+        a = pool.create_volume("a", required_bytes=MIB)
+        b = pool.create_volume("b", required_bytes=MIB)
+        one = pool.create_snapshot("one", a.id)
+        pool.create_snapshot("two", b.id, parameters={"qsnap.csi.dev/guest-agent": "disabled"})
+        pool.create_snapshot("three", b.id)
+        assert sample("qsnap_snapshots_by_indication", {"indication": "Offline"}) == 3
+        pool.delete_snapshot(one.id)
+        assert sample("qsnap_snapshots_by_indication", {"indication": "Offline"}) == 2
+    finally:
+        pool.close()
