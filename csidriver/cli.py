@@ -34,6 +34,7 @@ class Client:
         self.timeout = timeout
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+        self.groups = csi_pb2_grpc.GroupControllerStub(self.channel)
         self.inspect = qsnap_pb2_grpc.InspectStub(self.channel)
 
     def volumes(self) -> Iterator[Any]:
@@ -100,14 +101,31 @@ def _volume_record(client: Client, volume_id: str) -> dict[str, Any]:
             "chain": _layers(d.chain), "parameters": dict(d.parameters)}
 
 
-def _snapshot_record(client: Client, snapshot_id: str) -> dict[str, Any]:
+def _snapshot_record(client: Client, snapshot_id: str,
+                     group_id: str | None = None) -> dict[str, Any]:
+    """One snapshot for output.  ``group_id``: the group it was cut in, when
+    the caller has it from a CSI Snapshot already (a list, a group); else
+    it is asked for with GetSnapshot (the CSI message carries it)."""
     d = client.inspect.DescribeSnapshot(
         qsnap_pb2.DescribeSnapshotRequest(snapshot_id=snapshot_id), timeout=client.timeout)
+    if group_id is None:
+        group_id = client.controller.GetSnapshot(
+            csi_pb2.GetSnapshotRequest(snapshot_id=snapshot_id),
+            timeout=client.timeout).snapshot.group_snapshot_id
     return {"id": d.snapshot_id, "name": d.name, "source_volume_id": d.source_volume_id,
             "size_bytes": d.size_bytes, "allocated_bytes": d.allocated_bytes,
             "created": format_ns(d.created_ns), "ready_to_use": d.ready_to_use,
-            "indications": list(d.indications), "depth": len(d.chain),
-            "chain": _layers(d.chain), "parameters": dict(d.parameters)}
+            "indications": list(d.indications), "group_snapshot_id": group_id,
+            "depth": len(d.chain), "chain": _layers(d.chain), "parameters": dict(d.parameters)}
+
+
+def _group_record(client: Client, group: Any) -> dict[str, Any]:
+    """A csi VolumeGroupSnapshot for output, each member described through Inspect."""
+    members = [_snapshot_record(client, s.snapshot_id, s.group_snapshot_id)
+               for s in group.snapshots]
+    created_ns = group.creation_time.seconds * 1_000_000_000 + group.creation_time.nanos
+    return {"id": group.group_snapshot_id, "created": format_ns(created_ns),
+            "ready_to_use": group.ready_to_use, "snapshots": members}
 
 
 # -- output ----------------------------------------------------------------
@@ -128,6 +146,8 @@ def _details(record: dict[str, Any]) -> str:
             continue
         if key.endswith("bytes"):
             value = f"{format_size(value)} ({value})"
+        elif isinstance(value, list):
+            value = ", ".join(value)
         lines.append(f"{key + ':':20} {value if value != '' else '-'}")
     if record.get("parameters"):
         lines.append("parameters:")
@@ -151,10 +171,27 @@ VOLUME_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("ID", "id", str), ("NAME", "name", str), ("SIZE", "size_bytes", format_size),
     ("ALLOCATED", "allocated_bytes", format_size), ("DEPTH", "depth", str),
     ("CREATED", "created", str)]
+def _indications(marks: list[str]) -> str:
+    return ",".join(marks) or "-"
+
+
 SNAPSHOT_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("ID", "id", str), ("NAME", "name", str), ("VOLUME", "source_volume_id", str),
     ("SIZE", "size_bytes", format_size), ("READY", "ready_to_use", lambda r: "yes" if r else "no"),
-    ("CREATED", "created", str)]
+    ("CREATED", "created", str), ("GROUP", "group_snapshot_id", lambda g: g or "-"),
+    ("INDICATIONS", "indications", _indications)]
+# A group's members: the group's ID and creation time are shown once above.
+MEMBER_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("SNAPSHOT", "id", str), ("VOLUME", "source_volume_id", str),
+    ("SIZE", "size_bytes", format_size), ("READY", "ready_to_use", lambda r: "yes" if r else "no"),
+    ("INDICATIONS", "indications", _indications)]
+
+
+def _group_details(record: dict[str, Any]) -> str:
+    lines = [f"{'id:':20} {record['id']}", f"{'created:':20} {record['created']}",
+             f"{'ready_to_use:':20} {record['ready_to_use']}", "snapshots:",
+             _table(record["snapshots"], MEMBER_COLUMNS)]
+    return "\n".join(lines)
 
 
 # -- commands --------------------------------------------------------------
@@ -212,7 +249,8 @@ def cmd_snapshot_create(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_snapshot_list(client: Client, args: argparse.Namespace) -> None:
-    rows = [_snapshot_record(client, s.snapshot_id) for s in client.snapshots(args.volume)]
+    rows = [_snapshot_record(client, s.snapshot_id, s.group_snapshot_id)
+            for s in client.snapshots(args.volume)]
     _emit(args, rows, lambda: _table(rows, SNAPSHOT_COLUMNS))
 
 
@@ -225,6 +263,28 @@ def cmd_snapshot_delete(client: Client, args: argparse.Namespace) -> None:
     client.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=args.snapshot_id),
                                      timeout=client.timeout)
     _emit(args, {"deleted": args.snapshot_id}, lambda: f"deleted snapshot {args.snapshot_id}")
+
+
+def cmd_group_create(client: Client, args: argparse.Namespace) -> None:
+    group = client.groups.CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
+        name=args.name, source_volume_ids=args.volume_ids, parameters=_params(args.param)),
+        timeout=client.timeout).group_snapshot
+    record = _group_record(client, group)
+    _emit(args, record, lambda: _group_details(record))
+
+
+def cmd_group_show(client: Client, args: argparse.Namespace) -> None:
+    group = client.groups.GetVolumeGroupSnapshot(csi_pb2.GetVolumeGroupSnapshotRequest(
+        group_snapshot_id=args.group_id), timeout=client.timeout).group_snapshot
+    record = _group_record(client, group)
+    _emit(args, record, lambda: _group_details(record))
+
+
+def cmd_group_delete(client: Client, args: argparse.Namespace) -> None:
+    client.groups.DeleteVolumeGroupSnapshot(csi_pb2.DeleteVolumeGroupSnapshotRequest(
+        group_snapshot_id=args.group_id), timeout=client.timeout)
+    _emit(args, {"deleted": args.group_id},
+          lambda: f"deleted group snapshot {args.group_id} and its snapshots")
 
 
 def cmd_pool(client: Client, args: argparse.Namespace) -> None:
@@ -297,6 +357,21 @@ def _parser() -> argparse.ArgumentParser:
     d = ssub.add_parser("delete", help="delete a snapshot")
     d.add_argument("snapshot_id")
     d.set_defaults(run=cmd_snapshot_delete)
+
+    grp = sub.add_parser("group", help="create, show, delete group snapshots (several volumes "
+                         "cut at one instant)")
+    gsub = grp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = gsub.add_parser("create", help="snapshot volumes together, with one guest freeze")
+    c.add_argument("name")
+    c.add_argument("volume_ids", nargs="+", metavar="VOLUME_ID")
+    c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(run=cmd_group_create)
+    s = gsub.add_parser("show", help="a group snapshot and its member snapshots")
+    s.add_argument("group_id")
+    s.set_defaults(run=cmd_group_show)
+    d = gsub.add_parser("delete", help="delete a group snapshot and its member snapshots")
+    d.add_argument("group_id")
+    d.set_defaults(run=cmd_group_delete)
 
     r = sub.add_parser("restore", help="make a new volume from a snapshot")
     r.add_argument("snapshot_id")
