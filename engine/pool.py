@@ -462,11 +462,16 @@ class Pool:
         if not validate.check_id("volume", volume_id):
             raise NotFound(f"volume {volume_id} does not exist")
         with self.hold(_vkey(volume_id)):
+            # Probed outside the transaction: the probe may wait for the
+            # maintainer, which needs the catalog to finish.
+            self._require_closed(self.get_volume(volume_id))
             with self.catalog.transaction() as tx:
                 volume = tx.volume(volume_id)
                 if volume is None:
                     raise NotFound(f"volume {volume_id} does not exist")
-                self._require_closed(volume)
+                if volume.owner is not Owner.CLOSED:
+                    raise InUse(f"volume {volume.id} is open ({volume.owner.value}); "
+                                "release it before this operation")
                 tx.drop_volume(volume_id)
         log.info("volume %s: deleted (%s); its layers are reclaimed when unreferenced",
                  volume_id, volume.name)
@@ -815,12 +820,7 @@ class Pool:
         """
         if volume.owner in (Owner.CLOSED, Owner.DOMAIN):
             top = self.layout.layer_path(volume.top_layer)
-            writer = image_locks(top).writer
-            if writer and volume.owner is Owner.CLOSED and not top_held:
-                # A merge rewriting the top holds it for a moment: wait for
-                # it, then look again.
-                with self.hold(top_file_key(volume.id)):
-                    writer = image_locks(top).writer
+            writer = self._top_open(volume, top_held=top_held or volume.owner is Owner.DOMAIN)
             owner = Owner.DOMAIN if writer else Owner.CLOSED
             if writer and Owner.DOMAIN not in self._owners:
                 raise InUse(f"volume {volume.id}: its top layer {top} is open for writing by "
@@ -856,13 +856,26 @@ class Pool:
             raise
         return indications
 
+    def _top_open(self, volume: Volume, *, top_held: bool = False) -> bool:
+        """Whether a process has the volume's top open for writing (QEMU's
+        image locks).  The maintainer's own qemu-img may hold it for a
+        moment while it rewrites the top (under the top file's lock): then
+        wait for it and look again, unless the caller holds that lock."""
+        top = self.layout.layer_path(volume.top_layer)
+        if not image_locks(top).writer:
+            return False
+        if top_held:
+            return True
+        with self.hold(top_file_key(volume.id)):
+            return image_locks(top).writer
+
     def _require_closed(self, volume: Volume) -> None:
         """:raises InUse: the catalog names an owner, or a process has the
         volume's top open (QEMU's image locks)."""
         if volume.owner is not Owner.CLOSED:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}); "
                         "release it before this operation")
-        if image_locks(self.layout.layer_path(volume.top_layer)).writer:
+        if self._top_open(volume):
             raise InUse(f"volume {volume.id} is open: a process (a domain's QEMU?) has its top "
                         "layer open for writing; release it before this operation")
 
