@@ -605,6 +605,11 @@ class Pool:
             raise NotFound(f"group snapshot {group_id} does not exist")
         return group
 
+    def group_snapshot_by_name(self, name: str) -> GroupSnapshot | None:
+        """The group snapshot made under ``name``, if any."""
+        with self.catalog.reading() as tx:
+            return tx.group_by_name(name)
+
     def delete_group_snapshot(self, group_id: str) -> None:
         """Delete a group snapshot and every snapshot cut in it.
 
@@ -1084,13 +1089,13 @@ def _volume_from_body(b: dict[str, Any]) -> Volume:
 def _snapshot_body(s: Snapshot) -> dict[str, Any]:
     return {"id": s.id, "name": s.name, "source": s.source_volume_id, "size": s.size_bytes,
             "created_ns": s.created_ns, "layer": s.layer, "parameters": s.parameters,
-            "indications": list(s.indications)}
+            "indications": list(s.indications), "group_id": s.group_id}
 
 
 def _snapshot_from_body(b: dict[str, Any]) -> Snapshot:
     return Snapshot(id=b["id"], name=b["name"], source_volume_id=b["source"], size_bytes=b["size"],
                     created_ns=b["created_ns"], layer=b["layer"], parameters=b["parameters"],
-                    indications=tuple(b.get("indications", ())))
+                    indications=tuple(b.get("indications", ())), group_id=b.get("group_id", ""))
 
 
 class _NoQuiesce:

@@ -121,7 +121,8 @@ def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
 
 
 def domain_xml(name: str, kernel: Path, initrd: Path, disks: list[Path], console: Path, *,
-               agent_channel: bool = True, cmdline: str = "console=ttyS0 quiet") -> str:
+               agent_channel: bool = True, cmdline: str = "console=ttyS0 quiet",
+               extra_devices: str = "") -> str:
     """A transient TCG domain booting the test guest's kernel and initramfs."""
     disk_xml = "".join(
         f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
@@ -141,6 +142,7 @@ def domain_xml(name: str, kernel: Path, initrd: Path, disks: list[Path], console
     <emulator>{shutil.which('qemu-system-x86_64')}</emulator>
     {disk_xml}
     {channel}
+    {extra_devices}
     <serial type='file'><source path='{console}'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
@@ -164,24 +166,36 @@ def make_ext4_qcow2(path: Path, mib: int = DISK_MIB) -> None:
 
 
 def _destroy_stale_guests(conn: Any) -> None:
-    """Destroy test guests of test processes that died without cleaning up
-    (a transient domain outlives both its creator and libvirtd), and their
-    run directories.  Only names this module makes are touched."""
+    """Destroy (and undefine) test guests of test processes that died
+    without cleaning up (a domain outlives both its creator and libvirtd),
+    and their run directories.  Only names this module's users make
+    (``qsnap-test...-PID``) are touched."""
     import libvirt
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+    for dom in conn.listAllDomains(0):
         prefix, _, pid = dom.name().rpartition("-")
-        if prefix == "qsnap-test" and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if prefix.startswith("qsnap-test") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
             try:
-                dom.destroy()
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefine()
             except libvirt.libvirtError:
                 continue
             shutil.rmtree(CACHE / f"run-{pid}", ignore_errors=True)
 
 
+@dataclass
+class Host:
+    """A machine that can boot the test guest: its image and libvirt."""
+
+    image: Path            # vmlinuz and initrd.gz
+    conn: Any              # a libvirt connection
+
+
 @pytest.fixture(scope="session")
-def guest() -> Iterator[Guest]:
-    """Build the guest, start libvirt if needed, boot one guest for the
-    whole session; skip (saying why) where no guest can boot here."""
+def host() -> Iterator[Host]:
+    """Build the guest image and start libvirt if needed (stopped at the
+    end if it was started here); skip, saying why, where no guest can boot."""
     if os.geteuid() != 0:
         pytest.skip("VM tests need root (libvirtd, qemu:///system)")
     try:
@@ -206,7 +220,44 @@ def guest() -> Iterator[Guest]:
         started = _run([libvirt_sh, "start"], 90)
         if started.returncode != 0:
             pytest.skip(f"libvirtd cannot be started here: {started.stderr.strip()}")
+    # libvirt-python prints every error to stderr by default; the tests
+    # expect many (pings of a silent agent) and read them from exceptions.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open(URI)
+    _destroy_stale_guests(conn)
+    try:
+        yield Host(image, conn)
+    finally:
+        conn.close()
+        if not answered_before:
+            _run([libvirt_sh, "stop"], 60)
 
+
+def boot(host: Host, name: str, xml: str, workdir: Path, disk: Path, *,
+         define: bool = False) -> Guest:
+    """Start a domain from ``xml`` (transient, or defined first) and wait
+    for its agent; skip if libvirt cannot start a TCG guest here."""
+    import libvirt
+    t0 = time.monotonic()
+    try:
+        if define:
+            dom = host.conn.defineXML(xml)
+            dom.create()
+        else:
+            dom = host.conn.createXML(xml, 0)
+    except libvirt.libvirtError as e:
+        pytest.skip(f"libvirt cannot start a TCG guest here: {e.get_error_message()}")
+    vm = Guest(name, dom.UUIDString(), dom, workdir, disk, workdir / "console.log", 0.0)
+    vm.wait_agent(True, BOOT_TIMEOUT_S)
+    vm.boot_s = time.monotonic() - t0
+    print(f"\nguest {name} booted in {vm.boot_s:.1f}s (domain start to guest-ping)")
+    return vm
+
+
+@pytest.fixture(scope="session")
+def guest(host: Host) -> Iterator[Guest]:
+    """One guest for the whole session, on a plain qcow2 data disk."""
+    import libvirt
     workdir = CACHE / f"run-{os.getpid()}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(mode=0o755)
@@ -215,35 +266,19 @@ def guest() -> Iterator[Guest]:
     make_ext4_qcow2(disk)
     console = workdir / "console.log"
     name = f"qsnap-test-{os.getpid()}"
-    # libvirt-python prints every error to stderr by default; the tests
-    # expect many (pings of a silent agent) and read them from exceptions.
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    conn = libvirt.open(URI)
-    _destroy_stale_guests(conn)
-    dom = None
+    vm = None
     try:
-        xml = domain_xml(name, image / "vmlinuz", image / "initrd.gz", [disk], console,
+        xml = domain_xml(name, host.image / "vmlinuz", host.image / "initrd.gz", [disk], console,
                          cmdline="console=ttyS0 quiet qsnap.writer=1")
-        t0 = time.monotonic()
-        try:
-            dom = conn.createXML(xml, 0)
-        except libvirt.libvirtError as e:
-            pytest.skip(f"libvirt cannot start a TCG guest here: {e.get_error_message()}")
-        vm = Guest(name, dom.UUIDString(), dom, workdir, disk, console, 0.0)
-        vm.wait_agent(True, BOOT_TIMEOUT_S)
-        vm.boot_s = time.monotonic() - t0
-        print(f"\nguest {name} booted in {vm.boot_s:.1f}s (domain start to guest-ping)")
+        vm = boot(host, name, xml, workdir, disk)
         yield vm
     finally:
-        if dom is not None:
+        if vm is not None:
             try:
-                dom.destroy()
+                vm.dom.destroy()
             except libvirt.libvirtError:
                 pass
-        conn.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        if not answered_before:
-            _run([libvirt_sh, "stop"], 60)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guest_lib import ROOT, URI, Guest, guest, vm  # noqa: E402,F401  (fixtures by name)
+from guest_lib import ROOT, URI, Guest, guest, host, vm  # noqa: E402,F401  (fixtures by name)
 
 from engine.errors import InvalidArgument  # noqa: E402
 from engine.freeze import (Freezer, FreezeDeadlineExceeded, FreezeStateCorrupt,  # noqa: E402
