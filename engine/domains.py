@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from engine.errors import EngineError, InUse
 from engine.layout import Layout
@@ -22,6 +23,14 @@ from engine.model import Volume
 from engine.virt import DomainError, DomainUse, Hypervisor, HypervisorUnavailable
 
 log = logging.getLogger(__name__)
+
+# Prepared lookups kept at most (a cut abandoned between prepare and switch
+# leaves its entry behind).
+_PREPARED_MAX = 64
+
+
+def _key(cuts: list[tuple[Volume, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((v.id, layer) for v, layer in cuts)
 
 
 class SwitchIncomplete(EngineError):
@@ -44,6 +53,10 @@ class DomainOwner:
     def __init__(self, hypervisor: Hypervisor, layout: Layout) -> None:
         self.hypervisor = hypervisor
         self.layout = layout
+        # Lookups done by prepare() for the switch that follows, by cut.
+        self._prepared: dict[tuple[tuple[str, str], ...],
+                             dict[str, tuple[DomainUse, str]]] = {}
+        self._prepared_lock = threading.Lock()
 
     def _users(self, volumes: list[Volume]) -> dict[str, tuple[DomainUse, str]]:
         """Volume ID → (the domain, its disk target) that has the volume's
@@ -67,6 +80,26 @@ class DomainOwner:
                         f"for writing, and no domain at {self.hypervisor.uri} uses it")
         return found
 
+    def prepare(self, cuts: list[tuple[Volume, str]]) -> None:
+        """Find the domains and disks of the volumes before the guests are
+        frozen (listing domains and reading their definitions takes longer
+        than the switch itself).
+
+        :raises InUse: a volume's top is open by no domain, or by two.
+        """
+        users = self._lookup([v for v, _ in cuts])
+        with self._prepared_lock:
+            if len(self._prepared) > _PREPARED_MAX:     # cuts abandoned after prepare
+                self._prepared.clear()
+            self._prepared[_key(cuts)] = users
+
+    def _lookup(self, volumes: list[Volume]) -> dict[str, tuple[DomainUse, str]]:
+        try:
+            return self._users(volumes)
+        except HypervisorUnavailable as e:
+            raise InUse(f"volumes {', '.join(v.id for v in volumes)} are open by a domain, "
+                        f"and libvirt cannot be reached to switch them: {e}") from e
+
     def switch(self, cuts: list[tuple[Volume, str]], *, freeze: bool) -> tuple[str, ...]:
         """Switch each volume to its new layer in the domain that has it
         open: one libvirt snapshot per domain, atomic across its disks.
@@ -78,11 +111,10 @@ class DomainOwner:
             switched.
         :raises DomainError: the (first) domain refused; nothing changed.
         """
-        try:
-            users = self._users([v for v, _ in cuts])
-        except HypervisorUnavailable as e:
-            raise InUse(f"volumes {', '.join(v.id for v, _ in cuts)} are open by a domain, "
-                        f"and libvirt cannot be reached to switch them: {e}") from e
+        with self._prepared_lock:
+            users = self._prepared.pop(_key(cuts), None)
+        if users is None:
+            users = self._lookup([v for v, _ in cuts])
         per_domain: dict[str, tuple[DomainUse, dict[str, str], list[str]]] = {}
         for volume, layer in cuts:
             use, target = users[volume.id]
@@ -93,9 +125,10 @@ class DomainOwner:
         for use, overlays, volume_ids in per_domain.values():
             try:
                 dom = self.hypervisor.lookup(use.uuid)
-                self.hypervisor.disk_snapshot(dom, overlays)
+                self.hypervisor.disk_snapshot(dom, overlays, targets=use.all_targets or None)
+                tops = self.hypervisor.disk_tops(dom)
                 for target, path in overlays.items():
-                    now = self.hypervisor.disk_top(dom, target)
+                    now = tops.get(target, "")
                     if os.path.realpath(now) != os.path.realpath(path):
                         raise DomainError(f"domain {use.name}: disk {target} is on {now} after "
                                           f"the switch, not {path}")

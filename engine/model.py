@@ -146,6 +146,15 @@ class TopOwner(Protocol):
     """Changes the top layer of volumes that a process other than qsnap has
     open: the only way such a layer may change (``Pool.attach_owner``)."""
 
+    def prepare(self, cuts: list[tuple[Volume, str]]) -> None:
+        """Do ahead of the switch, before any guest is frozen, whatever
+        lookups the switch needs, so that the frozen window holds only the
+        switch itself.  Changes nothing the owner serves.
+
+        :raises EngineError: the switch could not happen (nothing changed).
+        """
+        ...
+
     def switch(self, cuts: list[tuple[Volume, str]], *, freeze: bool) -> tuple[str, ...]:
         """Make each new layer (already written, backed by the volume's
         current top) the volume's top in the owning process, atomically

@@ -631,6 +631,10 @@ class Node:
 
     # -- TopOwner: changes the pool routes here ------------------------------
 
+    def prepare(self, cuts: list[tuple[Volume, str]]) -> None:
+        """Nothing to look up ahead: the overlay nodes are added inside the
+        switch, so that a cut abandoned before it leaves no node behind."""
+
     def switch(self, cuts: list[tuple[Volume, str]], *, freeze: bool) -> tuple[str, ...]:
         """Cut served volumes through the QSD, atomically across them; with
         ``freeze``, their staged filesystems are frozen around the switch and

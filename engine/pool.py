@@ -677,6 +677,8 @@ class Pool:
             for (_, volume), new_top, handler in zip(items, new_tops, handlers):
                 if handler is not None:
                     by_owner.setdefault(id(handler), (handler, []))[1].append((volume, new_top))
+            for handler, cuts in by_owner.values():
+                handler.prepare(cuts)
             owner_marks: dict[str, tuple[str, ...]] = {}
             with self._quiesced([v for _, v in items], params) as session:
                 session.check()

@@ -160,6 +160,7 @@ class DomainUse:
     # Targets whose *top* source is one of the volume's own qcow2 layer
     # files: the domain's QEMU has the top open, so only it may switch it.
     direct: tuple[tuple[str, str], ...] = ()   # (volume id, target)
+    all_targets: tuple[str, ...] = ()          # every disk of the domain, in order
 
     def label(self) -> str:
         return f"domain {self.name} (volumes {', '.join(self.volume_ids)})"
@@ -335,7 +336,8 @@ class Hypervisor:
                         volume_ids.append(volume_id)
                     if target and target not in targets:
                         targets.append(target)
-            for disk in disks(xml):
+            all_disks = disks(xml)
+            for disk in all_disks:
                 if not disk.source:
                     continue
                 for volume_id in sorted({top_keys[k] for k in path_keys(disk.source)
@@ -347,7 +349,7 @@ class Hypervisor:
                         targets.append(disk.target)
             if volume_ids:
                 uses.append(DomainUse(name, uuid, tuple(volume_ids), tuple(targets),
-                                      tuple(direct)))
+                                      tuple(direct), tuple(d.target for d in all_disks)))
         return uses
 
     # -- guest agent -------------------------------------------------------
@@ -391,7 +393,7 @@ class Hypervisor:
     # -- disks ---------------------------------------------------------------
 
     def disk_snapshot(self, dom: Any, overlays: Mapping[str, str | os.PathLike[str]], *,
-                      quiesce: bool = False) -> None:
+                      quiesce: bool = False, targets: Iterable[str] | None = None) -> None:
         """Switch the given disks (target → overlay file qsnap made, backed
         by the disk's current top) in the domain's QEMU, atomically across
         them: a libvirt external disk-only snapshot with ``REUSE_EXT``,
@@ -405,22 +407,23 @@ class Hypervisor:
             is atomic: no disk changed).
         """
         libvirt = _libvirt()
-        live = self.xml(dom)
+        # The domain's disk targets; a caller that read them already passes
+        # them (one XMLDesc less inside a guest's frozen window).
+        known = list(targets) if targets is not None else [d.target for d in disks(self.xml(dom))]
         root = ET.Element("domainsnapshot")
         ET.SubElement(root, "description").text = "qsnap layer switch"
         disks_el = ET.SubElement(root, "disks")
         wanted = {t: os.fspath(p) for t, p in overlays.items()}
-        known = {d.target for d in disks(live)}
-        missing = sorted(set(wanted) - known)
+        missing = sorted(set(wanted) - set(known))
         if missing:
             raise DomainError(f"domain {self.name(dom)} has no disk {', '.join(missing)}")
-        for disk in disks(live):
-            el = ET.SubElement(disks_el, "disk", name=disk.target)
-            if disk.target in wanted:
+        for target in known:
+            el = ET.SubElement(disks_el, "disk", name=target)
+            if target in wanted:
                 el.set("snapshot", "external")
                 el.set("type", "file")
                 ET.SubElement(el, "driver", type="qcow2")
-                ET.SubElement(el, "source", file=wanted[disk.target])
+                ET.SubElement(el, "source", file=wanted[target])
             else:
                 el.set("snapshot", "no")
         flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
@@ -435,16 +438,13 @@ class Hypervisor:
             raise self._error(f"switching disks {', '.join(sorted(wanted))} of domain "
                               f"{self.name(dom)}", e) from e
 
-    def disk_top(self, dom: Any, target: str) -> str:
-        """The top source path of one disk in the live definition ("" if
-        the disk has none).
+    def disk_tops(self, dom: Any) -> dict[str, str]:
+        """Disk target → top source path ("" for none), from the live
+        definition.
 
-        :raises DomainError: no such disk.
+        :raises DomainError: libvirt failed.
         """
-        for disk in disks(self.xml(dom)):
-            if disk.target == target:
-                return disk.source
-        raise DomainError(f"domain {self.name(dom)} has no disk {target}")
+        return {d.target: d.source for d in disks(self.xml(dom))}
 
     def block_resize(self, dom: Any, target: str, size_bytes: int) -> None:
         """Grow a disk in the domain's QEMU (the guest sees the new size).

@@ -373,7 +373,8 @@ def test_capabilities_info_and_health(driver_factory: DriverFactory) -> None:
     plugin = d.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
     Service = csi_pb2.PluginCapability.Service
     assert {c.service.type for c in plugin.capabilities if c.HasField("service")} == {
-        Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+        Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+        Service.GROUP_CONTROLLER_SERVICE}
     assert [c.volume_expansion.type for c in plugin.capabilities
             if c.HasField("volume_expansion")] == [csi_pb2.PluginCapability.VolumeExpansion.ONLINE]
     reply = d.health.Check(health_pb2.HealthCheckRequest(service="csi.v1.Node"))
