@@ -593,13 +593,31 @@ QSNAP_FIELDS: dict[str, dict[str, int]] = {
         "reclaimed_layers": 13, "collapse_merges": 14, "flatten_merges": 15,
         "maintenance_error": 16,
     },
+    "CreateVmSnapshotRequest": {"domain": 1, "name": 2, "parameters": 3, "accept_warnings": 4},
+    "ListVmSnapshotsRequest": {"domain": 1},
+    "ListVmSnapshotsResponse": {"snapshots": 1},
+    "GetVmSnapshotRequest": {"snapshot_id": 1},
+    "DeleteVmSnapshotRequest": {"snapshot_id": 1},
+    "DeleteVmSnapshotResponse": {},
+    "VmDiskDetails": {
+        "target": 1, "volume_id": 2, "attachment": 3, "snapshot_id": 4, "driver_type": 5,
+    },
+    "ExcludedDiskDetails": {"target": 1, "source": 2, "reason": 3},
+    "VmSnapshotDetails": {
+        "snapshot_id": 1, "name": 2, "domain_name": 3, "domain_uuid": 4, "created_ns": 5,
+        "status": 6, "disks": 7, "excluded": 8, "warnings": 9, "indications": 10,
+        "group_snapshot_id": 11, "error": 12, "online": 13, "domain_xml": 14,
+    },
+    "RestoreVmRequest": {"snapshot_id": 1},
+    "CloneVmRequest": {"snapshot_id": 1, "new_name": 2, "start": 3},
+    "RestoreVmResponse": {"domain_name": 1, "domain_uuid": 2, "volumes": 3, "replaced": 4},
 }
 
 
 def test_qsnap_inspect_service() -> None:
     qfile = qsnap_pb2.DESCRIPTOR
     assert qfile.package == "qsnap.v1"
-    assert list(qfile.services_by_name) == ["Inspect"]
+    assert list(qfile.services_by_name) == ["Inspect", "VirtualMachines"]
     methods = {m.name: (m.input_type.name, m.output_type.name)
                for m in qfile.services_by_name["Inspect"].methods}
     assert methods == {
@@ -611,3 +629,23 @@ def test_qsnap_inspect_service() -> None:
     for name, fields in QSNAP_FIELDS.items():
         got = {f.name: f.number for f in qfile.message_types_by_name[name].fields}
         assert got == fields, name
+
+
+def test_qsnap_virtual_machines_service() -> None:
+    service = qsnap_pb2.DESCRIPTOR.services_by_name["VirtualMachines"]
+    methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
+    assert methods == {
+        "CreateVmSnapshot": ("CreateVmSnapshotRequest", "VmSnapshotDetails"),
+        "ListVmSnapshots": ("ListVmSnapshotsRequest", "ListVmSnapshotsResponse"),
+        "GetVmSnapshot": ("GetVmSnapshotRequest", "VmSnapshotDetails"),
+        "DeleteVmSnapshot": ("DeleteVmSnapshotRequest", "DeleteVmSnapshotResponse"),
+        "RestoreVm": ("RestoreVmRequest", "RestoreVmResponse"),
+        "CloneVm": ("CloneVmRequest", "RestoreVmResponse"),
+    }
+    assert not any(m.client_streaming or m.server_streaming for m in service.methods)
+    maps = {(name, f.name) for name, message in qsnap_pb2.DESCRIPTOR.message_types_by_name.items()
+            for f in message.fields if f.message_type is not None
+            and f.message_type.GetOptions().map_entry}
+    assert {m for m in maps if m[0] in ("CreateVmSnapshotRequest", "RestoreVmResponse")} == {
+        ("CreateVmSnapshotRequest", "parameters"), ("RestoreVmResponse", "volumes"),
+        ("RestoreVmResponse", "replaced")}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63sidriver/pb/qsnap.proto\x12\x08qsnap.v1\"*\n\x15\x44\x65scribeVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\".\n\x17\x44\x65scribeSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"y\n\x0cLayerDetails\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x14\n\x0cvirtual_size\x18\x04 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x05 \x01(\x03\x12\x11\n\tread_only\x18\x06 \x01(\x08\"\xcd\x02\n\rVolumeDetails\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x03\x12\x12\n\ncreated_ns\x18\x05 \x01(\x03\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x1a\n\x12source_snapshot_id\x18\x07 \x01(\t\x12\x18\n\x10source_volume_id\x18\x08 \x01(\t\x12%\n\x05\x63hain\x18\t \x03(\x0b\x32\x16.qsnap.v1.LayerDetails\x12;\n\nparameters\x18\n \x03(\x0b\x32\'.qsnap.v1.VolumeDetails.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd3\x02\n\x0fSnapshotDetails\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10source_volume_id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x05 \x01(\x03\x12\x12\n\ncreated_ns\x18\x06 \x01(\x03\x12\x14\n\x0cready_to_use\x18\x07 \x01(\x08\x12%\n\x05\x63hain\x18\x08 \x03(\x0b\x32\x16.qsnap.v1.LayerDetails\x12\x13\n\x0bindications\x18\t \x03(\t\x12=\n\nparameters\x18\n \x03(\x0b\x32).qsnap.v1.SnapshotDetails.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11PoolStatusRequest\"\xf0\x02\n\x12PoolStatusResponse\x12\x0c\n\x04root\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x03 \x01(\x03\x12\x12\n\nused_bytes\x18\x04 \x01(\x03\x12\x19\n\x11provisioned_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07volumes\x18\x06 \x01(\x05\x12\x11\n\tsnapshots\x18\x07 \x01(\x05\x12\x0e\n\x06layers\x18\x08 \x01(\x05\x12\x16\n\x0egarbage_layers\x18\t \x01(\x05\x12\x11\n\tmax_depth\x18\n \x01(\x05\x12\x11\n\tdepth_cap\x18\x0b \x01(\x05\x12\x17\n\x0fpending_intents\x18\x0c \x01(\x05\x12\x18\n\x10reclaimed_layers\x18\r \x01(\x03\x12\x17\n\x0f\x63ollapse_merges\x18\x0e \x01(\x03\x12\x16\n\x0e\x66latten_merges\x18\x0f \x01(\x03\x12\x19\n\x11maintenance_error\x18\x10 \x01(\t2\xf6\x01\n\x07Inspect\x12L\n\x0e\x44\x65scribeVolume\x12\x1f.qsnap.v1.DescribeVolumeRequest\x1a\x17.qsnap.v1.VolumeDetails\"\x00\x12R\n\x10\x44\x65scribeSnapshot\x12!.qsnap.v1.DescribeSnapshotRequest\x1a\x19.qsnap.v1.SnapshotDetails\"\x00\x12I\n\nPoolStatus\x12\x1b.qsnap.v1.PoolStatusRequest\x1a\x1c.qsnap.v1.PoolStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63sidriver/pb/qsnap.proto\x12\x08qsnap.v1\"*\n\x15\x44\x65scribeVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\".\n\x17\x44\x65scribeSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"y\n\x0cLayerDetails\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x14\n\x0cvirtual_size\x18\x04 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x05 \x01(\x03\x12\x11\n\tread_only\x18\x06 \x01(\x08\"\xcd\x02\n\rVolumeDetails\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x03\x12\x12\n\ncreated_ns\x18\x05 \x01(\x03\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x1a\n\x12source_snapshot_id\x18\x07 \x01(\t\x12\x18\n\x10source_volume_id\x18\x08 \x01(\t\x12%\n\x05\x63hain\x18\t \x03(\x0b\x32\x16.qsnap.v1.LayerDetails\x12;\n\nparameters\x18\n \x03(\x0b\x32\'.qsnap.v1.VolumeDetails.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd3\x02\n\x0fSnapshotDetails\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10source_volume_id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x05 \x01(\x03\x12\x12\n\ncreated_ns\x18\x06 \x01(\x03\x12\x14\n\x0cready_to_use\x18\x07 \x01(\x08\x12%\n\x05\x63hain\x18\x08 \x03(\x0b\x32\x16.qsnap.v1.LayerDetails\x12\x13\n\x0bindications\x18\t \x03(\t\x12=\n\nparameters\x18\n \x03(\x0b\x32).qsnap.v1.SnapshotDetails.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11PoolStatusRequest\"\xf0\x02\n\x12PoolStatusResponse\x12\x0c\n\x04root\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x03 \x01(\x03\x12\x12\n\nused_bytes\x18\x04 \x01(\x03\x12\x19\n\x11provisioned_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07volumes\x18\x06 \x01(\x05\x12\x11\n\tsnapshots\x18\x07 \x01(\x05\x12\x0e\n\x06layers\x18\x08 \x01(\x05\x12\x16\n\x0egarbage_layers\x18\t \x01(\x05\x12\x11\n\tmax_depth\x18\n \x01(\x05\x12\x11\n\tdepth_cap\x18\x0b \x01(\x05\x12\x17\n\x0fpending_intents\x18\x0c \x01(\x05\x12\x18\n\x10reclaimed_layers\x18\r \x01(\x03\x12\x17\n\x0f\x63ollapse_merges\x18\x0e \x01(\x03\x12\x16\n\x0e\x66latten_merges\x18\x0f \x01(\x03\x12\x19\n\x11maintenance_error\x18\x10 \x01(\t\"\xca\x01\n\x17\x43reateVmSnapshotRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x45\n\nparameters\x18\x03 \x03(\x0b\x32\x31.qsnap.v1.CreateVmSnapshotRequest.ParametersEntry\x12\x17\n\x0f\x61\x63\x63\x65pt_warnings\x18\x04 \x01(\x08\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x16ListVmSnapshotsRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\"I\n\x17ListVmSnapshotsResponse\x12.\n\tsnapshots\x18\x01 \x03(\x0b\x32\x1b.qsnap.v1.VmSnapshotDetails\"+\n\x14GetVmSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\".\n\x17\x44\x65leteVmSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteVmSnapshotResponse\"p\n\rVmDiskDetails\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nattachment\x18\x03 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64river_type\x18\x05 \x01(\t\"E\n\x13\x45xcludedDiskDetails\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xd2\x02\n\x11VmSnapshotDetails\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64omain_name\x18\x03 \x01(\t\x12\x13\n\x0b\x64omain_uuid\x18\x04 \x01(\t\x12\x12\n\ncreated_ns\x18\x05 \x01(\x03\x12\x0e\n\x06status\x18\x06 \x01(\t\x12&\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x17.qsnap.v1.VmDiskDetails\x12/\n\x08\x65xcluded\x18\x08 \x03(\x0b\x32\x1d.qsnap.v1.ExcludedDiskDetails\x12\x10\n\x08warnings\x18\t \x03(\t\x12\x13\n\x0bindications\x18\n \x03(\t\x12\x19\n\x11group_snapshot_id\x18\x0b \x01(\t\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x0e\n\x06online\x18\r \x01(\x08\x12\x12\n\ndomain_xml\x18\x0e \x01(\t\"\'\n\x10RestoreVmRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"F\n\x0e\x43loneVmRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x10\n\x08new_name\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x08\"\x96\x02\n\x11RestoreVmResponse\x12\x13\n\x0b\x64omain_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64omain_uuid\x18\x02 \x01(\t\x12\x39\n\x07volumes\x18\x03 \x03(\x0b\x32(.qsnap.v1.RestoreVmResponse.VolumesEntry\x12;\n\x08replaced\x18\x04 \x03(\x0b\x32).qsnap.v1.RestoreVmResponse.ReplacedEntry\x1a.\n\x0cVolumesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rReplacedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf6\x01\n\x07Inspect\x12L\n\x0e\x44\x65scribeVolume\x12\x1f.qsnap.v1.DescribeVolumeRequest\x1a\x17.qsnap.v1.VolumeDetails\"\x00\x12R\n\x10\x44\x65scribeSnapshot\x12!.qsnap.v1.DescribeSnapshotRequest\x1a\x19.qsnap.v1.SnapshotDetails\"\x00\x12I\n\nPoolStatus\x12\x1b.qsnap.v1.PoolStatusRequest\x1a\x1c.qsnap.v1.PoolStatusResponse\"\x00\x32\xfa\x03\n\x0fVirtualMachines\x12T\n\x10\x43reateVmSnapshot\x12!.qsnap.v1.CreateVmSnapshotRequest\x1a\x1b.qsnap.v1.VmSnapshotDetails\"\x00\x12X\n\x0fListVmSnapshots\x12 .qsnap.v1.ListVmSnapshotsRequest\x1a!.qsnap.v1.ListVmSnapshotsResponse\"\x00\x12N\n\rGetVmSnapshot\x12\x1e.qsnap.v1.GetVmSnapshotRequest\x1a\x1b.qsnap.v1.VmSnapshotDetails\"\x00\x12[\n\x10\x44\x65leteVmSnapshot\x12!.qsnap.v1.DeleteVmSnapshotRequest\x1a\".qsnap.v1.DeleteVmSnapshotResponse\"\x00\x12\x46\n\tRestoreVm\x12\x1a.qsnap.v1.RestoreVmRequest\x1a\x1b.qsnap.v1.RestoreVmResponse\"\x00\x12\x42\n\x07\x43loneVm\x12\x18.qsnap.v1.CloneVmRequest\x1a\x1b.qsnap.v1.RestoreVmResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VOLUMEDETAILS_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_SNAPSHOTDETAILS_PARAMETERSENTRY']._loaded_options = None
   _globals['_SNAPSHOTDETAILS_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_CREATEVMSNAPSHOTREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_CREATEVMSNAPSHOTREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_RESTOREVMRESPONSE_VOLUMESENTRY']._loaded_options = None
+  _globals['_RESTOREVMRESPONSE_VOLUMESENTRY']._serialized_options = b'8\001'
+  _globals['_RESTOREVMRESPONSE_REPLACEDENTRY']._loaded_options = None
+  _globals['_RESTOREVMRESPONSE_REPLACEDENTRY']._serialized_options = b'8\001'
   _globals['_DESCRIBEVOLUMEREQUEST']._serialized_start=38
   _globals['_DESCRIBEVOLUMEREQUEST']._serialized_end=80
   _globals['_DESCRIBESNAPSHOTREQUEST']._serialized_start=82
@@ -53,6 +59,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POOLSTATUSREQUEST']._serialized_end=950
   _globals['_POOLSTATUSRESPONSE']._serialized_start=953
   _globals['_POOLSTATUSRESPONSE']._serialized_end=1321
-  _globals['_INSPECT']._serialized_start=1324
-  _globals['_INSPECT']._serialized_end=1570
+  _globals['_CREATEVMSNAPSHOTREQUEST']._serialized_start=1324
+  _globals['_CREATEVMSNAPSHOTREQUEST']._serialized_end=1526
+  _globals['_CREATEVMSNAPSHOTREQUEST_PARAMETERSENTRY']._serialized_start=538
+  _globals['_CREATEVMSNAPSHOTREQUEST_PARAMETERSENTRY']._serialized_end=587
+  _globals['_LISTVMSNAPSHOTSREQUEST']._serialized_start=1528
+  _globals['_LISTVMSNAPSHOTSREQUEST']._serialized_end=1568
+  _globals['_LISTVMSNAPSHOTSRESPONSE']._serialized_start=1570
+  _globals['_LISTVMSNAPSHOTSRESPONSE']._serialized_end=1643
+  _globals['_GETVMSNAPSHOTREQUEST']._serialized_start=1645
+  _globals['_GETVMSNAPSHOTREQUEST']._serialized_end=1688
+  _globals['_DELETEVMSNAPSHOTREQUEST']._serialized_start=1690
+  _globals['_DELETEVMSNAPSHOTREQUEST']._serialized_end=1736
+  _globals['_DELETEVMSNAPSHOTRESPONSE']._serialized_start=1738
+  _globals['_DELETEVMSNAPSHOTRESPONSE']._serialized_end=1764
+  _globals['_VMDISKDETAILS']._serialized_start=1766
+  _globals['_VMDISKDETAILS']._serialized_end=1878
+  _globals['_EXCLUDEDDISKDETAILS']._serialized_start=1880
+  _globals['_EXCLUDEDDISKDETAILS']._serialized_end=1949
+  _globals['_VMSNAPSHOTDETAILS']._serialized_start=1952
+  _globals['_VMSNAPSHOTDETAILS']._serialized_end=2290
+  _globals['_RESTOREVMREQUEST']._serialized_start=2292
+  _globals['_RESTOREVMREQUEST']._serialized_end=2331
+  _globals['_CLONEVMREQUEST']._serialized_start=2333
+  _globals['_CLONEVMREQUEST']._serialized_end=2403
+  _globals['_RESTOREVMRESPONSE']._serialized_start=2406
+  _globals['_RESTOREVMRESPONSE']._serialized_end=2684
+  _globals['_RESTOREVMRESPONSE_VOLUMESENTRY']._serialized_start=2589
+  _globals['_RESTOREVMRESPONSE_VOLUMESENTRY']._serialized_end=2635
+  _globals['_RESTOREVMRESPONSE_REPLACEDENTRY']._serialized_start=2637
+  _globals['_RESTOREVMRESPONSE_REPLACEDENTRY']._serialized_end=2684
+  _globals['_INSPECT']._serialized_start=2687
+  _globals['_INSPECT']._serialized_end=2933
+  _globals['_VIRTUALMACHINES']._serialized_start=2936
+  _globals['_VIRTUALMACHINES']._serialized_end=3442
 # @@protoc_insertion_point(module_scope)

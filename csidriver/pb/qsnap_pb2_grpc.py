@@ -187,3 +187,327 @@ class Inspect:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class VirtualMachinesStub:
+    """Whole-VM snapshots of libvirt domains whose disks are qsnap volumes.
+
+    A VM snapshot is one group cut of every qsnap disk of a domain (one guest
+    freeze when the domain runs) plus a copy of its definition. Restore and
+    clone make new volumes from the disk snapshots and define a domain on
+    them; nothing is ever deleted by either. The service needs libvirt: a
+    driver started with --libvirt-uri none answers FAILED_PRECONDITION.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateVmSnapshot = channel.unary_unary(
+                '/qsnap.v1.VirtualMachines/CreateVmSnapshot',
+                request_serializer=csidriver_dot_pb_dot_qsnap__pb2.CreateVmSnapshotRequest.SerializeToString,
+                response_deserializer=csidriver_dot_pb_dot_qsnap__pb2.VmSnapshotDetails.FromString,
+                _registered_method=True)
+        self.ListVmSnapshots = channel.unary_unary(
+                '/qsnap.v1.VirtualMachines/ListVmSnapshots',
+                request_serializer=csidriver_dot_pb_dot_qsnap__pb2.ListVmSnapshotsRequest.SerializeToString,
+                response_deserializer=csidriver_dot_pb_dot_qsnap__pb2.ListVmSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.GetVmSnapshot = channel.unary_unary(
+                '/qsnap.v1.VirtualMachines/GetVmSnapshot',
+                request_serializer=csidriver_dot_pb_dot_qsnap__pb2.GetVmSnapshotRequest.SerializeToString,
+                response_deserializer=csidriver_dot_pb_dot_qsnap__pb2.VmSnapshotDetails.FromString,
+                _registered_method=True)
+        self.DeleteVmSnapshot = channel.unary_unary(
+                '/qsnap.v1.VirtualMachines/DeleteVmSnapshot',
+                request_serializer=csidriver_dot_pb_dot_qsnap__pb2.DeleteVmSnapshotRequest.SerializeToString,
+                response_deserializer=csidriver_dot_pb_dot_qsnap__pb2.DeleteVmSnapshotResponse.FromString,
+                _registered_method=True)
+        self.RestoreVm = channel.unary_unary(
+                '/qsnap.v1.VirtualMachines/RestoreVm',
+                request_serializer=csidriver_dot_pb_dot_qsnap__pb2.RestoreVmRequest.SerializeToString,
+                response_deserializer=csidriver_dot_pb_dot_qsnap__pb2.RestoreVmResponse.FromString,
+                _registered_method=True)
+        self.CloneVm = channel.unary_unary(
+                '/qsnap.v1.VirtualMachines/CloneVm',
+                request_serializer=csidriver_dot_pb_dot_qsnap__pb2.CloneVmRequest.SerializeToString,
+                response_deserializer=csidriver_dot_pb_dot_qsnap__pb2.RestoreVmResponse.FromString,
+                _registered_method=True)
+
+
+class VirtualMachinesServicer:
+    """Whole-VM snapshots of libvirt domains whose disks are qsnap volumes.
+
+    A VM snapshot is one group cut of every qsnap disk of a domain (one guest
+    freeze when the domain runs) plus a copy of its definition. Restore and
+    clone make new volumes from the disk snapshots and define a domain on
+    them; nothing is ever deleted by either. The service needs libvirt: a
+    driver started with --libvirt-uri none answers FAILED_PRECONDITION.
+    """
+
+    def CreateVmSnapshot(self, request, context):
+        """Snapshot every qsnap disk of a domain at one instant. Idempotent by
+        (domain, name): a second call returns the first snapshot unless it
+        failed, in which case it is tried again. FAILED_PRECONDITION when the
+        domain has no qsnap disk, or when some disks cannot be included and
+        accept_warnings is false (the message lists them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVmSnapshots(self, request, context):
+        """All VM snapshots, oldest first, or those of one domain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVmSnapshot(self, request, context):
+        """One VM snapshot; NOT_FOUND if there is none with that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVmSnapshot(self, request, context):
+        """Delete a VM snapshot and its disk snapshots. Volumes restored or cloned
+        from it are kept. NOT_FOUND if there is none with that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreVm(self, request, context):
+        """Put the domain back to a snapshot: new volumes from its disk snapshots
+        and the snapshot's definition on them, under the same name and UUID.
+        Only while the domain is stopped (FAILED_PRECONDITION otherwise). The
+        volumes it used until now are kept and reported in `replaced`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloneVm(self, request, context):
+        """A new domain from a snapshot: new volumes, and the snapshot's
+        definition under a new name, a new UUID and new MAC addresses.
+        ALREADY_EXISTS when a domain of that name exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_VirtualMachinesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateVmSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVmSnapshot,
+                    request_deserializer=csidriver_dot_pb_dot_qsnap__pb2.CreateVmSnapshotRequest.FromString,
+                    response_serializer=csidriver_dot_pb_dot_qsnap__pb2.VmSnapshotDetails.SerializeToString,
+            ),
+            'ListVmSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVmSnapshots,
+                    request_deserializer=csidriver_dot_pb_dot_qsnap__pb2.ListVmSnapshotsRequest.FromString,
+                    response_serializer=csidriver_dot_pb_dot_qsnap__pb2.ListVmSnapshotsResponse.SerializeToString,
+            ),
+            'GetVmSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVmSnapshot,
+                    request_deserializer=csidriver_dot_pb_dot_qsnap__pb2.GetVmSnapshotRequest.FromString,
+                    response_serializer=csidriver_dot_pb_dot_qsnap__pb2.VmSnapshotDetails.SerializeToString,
+            ),
+            'DeleteVmSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVmSnapshot,
+                    request_deserializer=csidriver_dot_pb_dot_qsnap__pb2.DeleteVmSnapshotRequest.FromString,
+                    response_serializer=csidriver_dot_pb_dot_qsnap__pb2.DeleteVmSnapshotResponse.SerializeToString,
+            ),
+            'RestoreVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreVm,
+                    request_deserializer=csidriver_dot_pb_dot_qsnap__pb2.RestoreVmRequest.FromString,
+                    response_serializer=csidriver_dot_pb_dot_qsnap__pb2.RestoreVmResponse.SerializeToString,
+            ),
+            'CloneVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloneVm,
+                    request_deserializer=csidriver_dot_pb_dot_qsnap__pb2.CloneVmRequest.FromString,
+                    response_serializer=csidriver_dot_pb_dot_qsnap__pb2.RestoreVmResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'qsnap.v1.VirtualMachines', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('qsnap.v1.VirtualMachines', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class VirtualMachines:
+    """Whole-VM snapshots of libvirt domains whose disks are qsnap volumes.
+
+    A VM snapshot is one group cut of every qsnap disk of a domain (one guest
+    freeze when the domain runs) plus a copy of its definition. Restore and
+    clone make new volumes from the disk snapshots and define a domain on
+    them; nothing is ever deleted by either. The service needs libvirt: a
+    driver started with --libvirt-uri none answers FAILED_PRECONDITION.
+    """
+
+    @staticmethod
+    def CreateVmSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qsnap.v1.VirtualMachines/CreateVmSnapshot',
+            csidriver_dot_pb_dot_qsnap__pb2.CreateVmSnapshotRequest.SerializeToString,
+            csidriver_dot_pb_dot_qsnap__pb2.VmSnapshotDetails.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVmSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qsnap.v1.VirtualMachines/ListVmSnapshots',
+            csidriver_dot_pb_dot_qsnap__pb2.ListVmSnapshotsRequest.SerializeToString,
+            csidriver_dot_pb_dot_qsnap__pb2.ListVmSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVmSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qsnap.v1.VirtualMachines/GetVmSnapshot',
+            csidriver_dot_pb_dot_qsnap__pb2.GetVmSnapshotRequest.SerializeToString,
+            csidriver_dot_pb_dot_qsnap__pb2.VmSnapshotDetails.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVmSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qsnap.v1.VirtualMachines/DeleteVmSnapshot',
+            csidriver_dot_pb_dot_qsnap__pb2.DeleteVmSnapshotRequest.SerializeToString,
+            csidriver_dot_pb_dot_qsnap__pb2.DeleteVmSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qsnap.v1.VirtualMachines/RestoreVm',
+            csidriver_dot_pb_dot_qsnap__pb2.RestoreVmRequest.SerializeToString,
+            csidriver_dot_pb_dot_qsnap__pb2.RestoreVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloneVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qsnap.v1.VirtualMachines/CloneVm',
+            csidriver_dot_pb_dot_qsnap__pb2.CloneVmRequest.SerializeToString,
+            csidriver_dot_pb_dot_qsnap__pb2.RestoreVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
