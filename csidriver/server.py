@@ -1,7 +1,7 @@
 """The driver process: opens the pool, starts its maintainer and the node
 side (re-serving staged volumes), and serves CSI Identity, Controller and
-Node, qsnap's Inspect and the standard gRPC health service on one endpoint
-until SIGTERM or SIGINT.
+Node, qsnap's Inspect and VirtualMachines and the standard gRPC health
+service on one endpoint until SIGTERM or SIGINT.
 
 ``python -m csidriver --help`` (or ``qsnap serve --help``) lists the flags.
 """
@@ -36,6 +36,7 @@ from csidriver.metrics import Metrics
 from csidriver.node import NodeService
 from csidriver.pb import csi_pb2, csi_pb2_grpc, qsnap_pb2, qsnap_pb2_grpc
 from csidriver.units import parse_size
+from csidriver.vms import VirtualMachinesService
 from engine.domains import DomainOwner
 from engine.errors import EngineError, InvalidArgument
 from engine.freeze import Freezer
@@ -47,6 +48,7 @@ from engine.node import Node
 from engine.pool import Pool, PoolConfig
 from engine.reclaim import Maintainer, MaintenanceStats
 from engine.virt import DEFAULT_URI, Hypervisor
+from engine.vm import VirtualMachines
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +302,11 @@ def prepare_socket(path: Path) -> None:
 Registration = tuple[Callable[[Any, grpc.Server], None], Any]
 
 
-def services(pool: Pool, node: Node, options: Options,
-             stats: MaintenanceStats) -> list[Registration]:
-    """Every servicer this process serves, with the function that registers it."""
+def services(pool: Pool, node: Node, options: Options, stats: MaintenanceStats,
+             vms: VirtualMachines | None = None) -> list[Registration]:
+    """Every servicer this process serves, with the function that registers it.
+    ``vms``: the VM operations, None without libvirt (the service then
+    answers FAILED_PRECONDITION)."""
     # One set of in-flight keys for both: a group cut and a single cut (or
     # a deletion) of the same volume answer each other ABORTED.
     ops = KeyedLock()
@@ -315,6 +319,7 @@ def services(pool: Pool, node: Node, options: Options,
         (csi_pb2_grpc.add_NodeServicer_to_server,
          NodeService(node, pool, options.nodeid, max_volumes=options.max_volumes)),
         (qsnap_pb2_grpc.add_InspectServicer_to_server, Inspect(pool, stats)),
+        (qsnap_pb2_grpc.add_VirtualMachinesServicer_to_server, VirtualMachinesService(vms)),
     ]
 
 
@@ -325,6 +330,7 @@ HEALTH_SERVICES: tuple[str, ...] = (
     csi_pb2.DESCRIPTOR.services_by_name["GroupController"].full_name,
     csi_pb2.DESCRIPTOR.services_by_name["Node"].full_name,
     qsnap_pb2.DESCRIPTOR.services_by_name["Inspect"].full_name,
+    qsnap_pb2.DESCRIPTOR.services_by_name["VirtualMachines"].full_name,
 )
 
 
@@ -339,6 +345,7 @@ class DriverServer:
         self.maintainer: Maintainer | None = None
         self.node: Node | None = None
         self.hypervisor: Hypervisor | None = None
+        self.vms: VirtualMachines | None = None
         self.metrics: Metrics | None = None
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer()
@@ -367,6 +374,12 @@ class DriverServer:
         self.node = Node(self.pool, o.run_dir)
         if o.libvirt_uri:
             self._attach_libvirt(o.libvirt_uri, o.run_dir / FREEZE_STATE_FILE)
+            assert self.hypervisor is not None
+            self.vms = VirtualMachines(self.pool, self.hypervisor, self.node)
+            try:
+                self.vms.recover()   # VM snapshots a dead driver left Progressing
+            except EngineError as e:
+                log.error("VM snapshots left in progress could not be settled: %s", e)
         observer: RpcObserver | None = None
         if o.metrics_port is not None:
             self.metrics = Metrics(self.pool, self.maintainer.stats)
@@ -378,7 +391,8 @@ class DriverServer:
             # Two drivers on one TCP port must fail, not share the traffic.
             options=[("grpc.so_reuseport", 0)])
         self.server = server
-        for register, servicer in services(self.pool, self.node, o, self.maintainer.stats):
+        for register, servicer in services(self.pool, self.node, o, self.maintainer.stats,
+                                           self.vms):
             register(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.endpoint.socket is not None:
@@ -426,6 +440,7 @@ class DriverServer:
             # does); the daemon keeps serving and the next start attaches.
             self.node.qsd.close()
             self.node = None
+        self.vms = None
         if self.hypervisor is not None:
             self.hypervisor.close()
             self.hypervisor = None
