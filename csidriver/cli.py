@@ -2,8 +2,10 @@
 
 Every command except ``serve`` is a CSI client of a running driver: it
 speaks CSI on the driver's socket, plus qsnap's small Inspect service for
-what CSI messages cannot carry (names, chains, allocated bytes).  Output is
-a table for people, or JSON with ``--json``.
+what CSI messages cannot carry (names, chains, allocated bytes), and
+qsnap's VirtualMachines service for ``qsnap vm`` (whole-VM snapshots,
+restore and clone of libvirt domains).  Output is a table for people, or
+JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ DEFAULT_ENDPOINT = "unix:///run/qsnap/csi.sock"
 
 
 class Client:
-    """CSI + Inspect stubs on one channel."""
+    """CSI, Inspect and VirtualMachines stubs on one channel."""
 
     def __init__(self, endpoint: str, timeout: float = 60.0) -> None:
         target = endpoint
@@ -36,6 +38,7 @@ class Client:
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.groups = csi_pb2_grpc.GroupControllerStub(self.channel)
         self.inspect = qsnap_pb2_grpc.InspectStub(self.channel)
+        self.vms = qsnap_pb2_grpc.VirtualMachinesStub(self.channel)
 
     def volumes(self) -> Iterator[Any]:
         token = ""
@@ -128,6 +131,27 @@ def _group_record(client: Client, group: Any) -> dict[str, Any]:
             "ready_to_use": group.ready_to_use, "snapshots": members}
 
 
+def _vm_record(d: Any) -> dict[str, Any]:
+    """A VmSnapshotDetails for output (without the domain XML: ``qsnap vm
+    show --xml`` prints that)."""
+    return {"id": d.snapshot_id, "name": d.name, "domain": d.domain_name,
+            "domain_uuid": d.domain_uuid, "created": format_ns(d.created_ns),
+            "status": d.status, "online": d.online, "indications": list(d.indications),
+            "group_snapshot_id": d.group_snapshot_id, "error": d.error,
+            "warnings": list(d.warnings),
+            "disks": [{"target": x.target, "volume_id": x.volume_id,
+                       "snapshot_id": x.snapshot_id, "attachment": x.attachment,
+                       "driver_type": x.driver_type} for x in d.disks],
+            "excluded": [{"target": x.target, "source": x.source, "reason": x.reason}
+                         for x in d.excluded]}
+
+
+def _restore_record(r: Any) -> dict[str, Any]:
+    return {"domain": r.domain_name, "domain_uuid": r.domain_uuid,
+            "volumes": dict(sorted(r.volumes.items())),
+            "replaced": dict(sorted(r.replaced.items()))}
+
+
 # -- output ----------------------------------------------------------------
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Callable[[Any], str]]]) -> str:
@@ -191,6 +215,49 @@ def _group_details(record: dict[str, Any]) -> str:
     lines = [f"{'id:':20} {record['id']}", f"{'created:':20} {record['created']}",
              f"{'ready_to_use:':20} {record['ready_to_use']}", "snapshots:",
              _table(record["snapshots"], MEMBER_COLUMNS)]
+    return "\n".join(lines)
+
+
+VM_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("ID", "id", str), ("NAME", "name", str), ("DOMAIN", "domain", str),
+    ("STATUS", "status", str), ("DISKS", "disks", lambda ds: ",".join(d["target"] for d in ds)),
+    ("CREATED", "created", str), ("INDICATIONS", "indications", _indications)]
+VM_DISK_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("  TARGET", "target", lambda x: f"  {x}"), ("VOLUME", "volume_id", str),
+    ("SNAPSHOT", "snapshot_id", lambda x: x or "-"), ("ATTACHMENT", "attachment", str),
+    ("FORMAT", "driver_type", lambda x: x or "-")]
+VM_EXCLUDED_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("  TARGET", "target", lambda x: f"  {x}"), ("SOURCE", "source", lambda x: x or "-"),
+    ("REASON", "reason", str)]
+
+
+def _vm_details(record: dict[str, Any]) -> str:
+    lines = [f"{key + ':':20} {value if value not in ('', []) else '-'}"
+             for key, value in (
+                 ("id", record["id"]), ("name", record["name"]),
+                 ("domain", record["domain"]), ("domain_uuid", record["domain_uuid"]),
+                 ("created", record["created"]), ("status", record["status"]),
+                 ("online", "yes" if record["online"] else "no"),
+                 ("indications", ", ".join(record["indications"])),
+                 ("group_snapshot_id", record["group_snapshot_id"]),
+                 ("error", record["error"]))]
+    lines.append("disks (included):")
+    lines.append(_table(record["disks"], VM_DISK_COLUMNS) if record["disks"] else "  -")
+    lines.append("excluded:")
+    lines.append(_table(record["excluded"], VM_EXCLUDED_COLUMNS)
+                 if record["excluded"] else "  -")
+    lines.append("warnings:")
+    lines += [f"  {w}" for w in record["warnings"]] or ["  -"]
+    return "\n".join(lines)
+
+
+def _restore_details(verb: str, snapshot_id: str, record: dict[str, Any]) -> str:
+    lines = [f"{verb} domain {record['domain']} ({record['domain_uuid']}) from VM snapshot "
+             f"{snapshot_id}", "volumes:"]
+    lines += [f"  {t} = {v}" for t, v in record["volumes"].items()] or ["  -"]
+    if record["replaced"]:
+        lines.append("replaced (kept; delete them with `qsnap volume delete` when done):")
+        lines += [f"  {t} = {v}" for t, v in record["replaced"].items()]
     return "\n".join(lines)
 
 
@@ -287,6 +354,55 @@ def cmd_group_delete(client: Client, args: argparse.Namespace) -> None:
           lambda: f"deleted group snapshot {args.group_id} and its snapshots")
 
 
+def cmd_vm_snapshot(client: Client, args: argparse.Namespace) -> None:
+    reply = client.vms.CreateVmSnapshot(qsnap_pb2.CreateVmSnapshotRequest(
+        domain=args.domain, name=args.name, parameters=_params(args.param),
+        accept_warnings=args.accept_warnings), timeout=client.timeout)
+    record = _vm_record(reply)
+    _emit(args, record, lambda: _vm_details(record))
+
+
+def cmd_vm_list(client: Client, args: argparse.Namespace) -> None:
+    reply = client.vms.ListVmSnapshots(qsnap_pb2.ListVmSnapshotsRequest(domain=args.domain),
+                                       timeout=client.timeout)
+    rows = [_vm_record(s) for s in reply.snapshots]
+    _emit(args, rows, lambda: _table(rows, VM_COLUMNS))
+
+
+def cmd_vm_show(client: Client, args: argparse.Namespace) -> None:
+    reply = client.vms.GetVmSnapshot(qsnap_pb2.GetVmSnapshotRequest(snapshot_id=args.snapshot_id),
+                                     timeout=client.timeout)
+    record = _vm_record(reply)
+    if args.xml:
+        record["domain_xml"] = reply.domain_xml
+        _emit(args, record, lambda: reply.domain_xml.rstrip("\n"))
+    else:
+        _emit(args, record, lambda: _vm_details(record))
+
+
+def cmd_vm_restore(client: Client, args: argparse.Namespace) -> None:
+    reply = client.vms.RestoreVm(qsnap_pb2.RestoreVmRequest(snapshot_id=args.snapshot_id),
+                                 timeout=client.timeout)
+    record = _restore_record(reply)
+    _emit(args, record, lambda: _restore_details("restored", args.snapshot_id, record))
+
+
+def cmd_vm_clone(client: Client, args: argparse.Namespace) -> None:
+    reply = client.vms.CloneVm(qsnap_pb2.CloneVmRequest(
+        snapshot_id=args.snapshot_id, new_name=args.new_name, start=args.start),
+        timeout=client.timeout)
+    record = _restore_record(reply)
+    verb = "cloned and started" if args.start else "cloned"
+    _emit(args, record, lambda: _restore_details(verb, args.snapshot_id, record))
+
+
+def cmd_vm_delete(client: Client, args: argparse.Namespace) -> None:
+    client.vms.DeleteVmSnapshot(qsnap_pb2.DeleteVmSnapshotRequest(snapshot_id=args.snapshot_id),
+                                timeout=client.timeout)
+    _emit(args, {"deleted": args.snapshot_id},
+          lambda: f"deleted VM snapshot {args.snapshot_id} and its disk snapshots")
+
+
 def cmd_pool(client: Client, args: argparse.Namespace) -> None:
     s = client.inspect.PoolStatus(qsnap_pb2.PoolStatusRequest(), timeout=client.timeout)
     data = {"root": s.root, "total_bytes": s.total_bytes, "available_bytes": s.available_bytes,
@@ -372,6 +488,42 @@ def _parser() -> argparse.ArgumentParser:
     d = gsub.add_parser("delete", help="delete a group snapshot and its member snapshots")
     d.add_argument("group_id")
     d.set_defaults(run=cmd_group_delete)
+
+    vm = sub.add_parser("vm", help="whole-VM snapshots of libvirt domains on qsnap volumes: "
+                        "snapshot, list, show, restore, clone, delete")
+    msub = vm.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = msub.add_parser("snapshot", help="snapshot every qsnap disk of a domain at one instant "
+                        "(one guest freeze), with its definition")
+    c.add_argument("domain", help="the domain's name or UUID")
+    c.add_argument("name", help="the snapshot's name (unique per domain)")
+    c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="qsnap.csi.dev/guest-agent, qsnap.csi.dev/freeze-deadline, ...")
+    c.add_argument("--accept-warnings", action="store_true",
+                   help="snapshot the other disks even if some cannot be included "
+                        "(hot-plugged disks)")
+    c.set_defaults(run=cmd_vm_snapshot)
+    ls = msub.add_parser("list", help="all VM snapshots, or one domain's")
+    ls.add_argument("domain", nargs="?", default="", help="a domain's name or UUID")
+    ls.set_defaults(run=cmd_vm_list)
+    s = msub.add_parser("show", help="status, indications, included and excluded disks, "
+                        "warnings, error")
+    s.add_argument("snapshot_id")
+    s.add_argument("--xml", action="store_true", help="print the saved domain definition")
+    s.set_defaults(run=cmd_vm_show)
+    r = msub.add_parser("restore", help="put a stopped domain back to a snapshot (new volumes; "
+                        "the replaced ones are kept and listed)")
+    r.add_argument("snapshot_id")
+    r.set_defaults(run=cmd_vm_restore)
+    c = msub.add_parser("clone", help="a new domain from a snapshot (new name, UUID, MACs "
+                        "and volumes)")
+    c.add_argument("snapshot_id")
+    c.add_argument("new_name")
+    c.add_argument("--start", action="store_true", help="start the new domain")
+    c.set_defaults(run=cmd_vm_clone)
+    d = msub.add_parser("delete", help="delete a VM snapshot and its disk snapshots "
+                        "(restored and cloned volumes stay)")
+    d.add_argument("snapshot_id")
+    d.set_defaults(run=cmd_vm_delete)
 
     r = sub.add_parser("restore", help="make a new volume from a snapshot")
     r.add_argument("snapshot_id")
