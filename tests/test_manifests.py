@@ -29,12 +29,18 @@ everything that does not need one:
   is the socket the driver listens on, ``--kubelet-registration-path`` is
   that socket's host path, provisioner and snapshotter run with
   ``--node-deployment`` and ``NODE_NAME``;
+* volume group snapshots: csi-snapshotter and snapshot-controller enable the
+  ``CSIVolumeGroupSnapshot`` feature gate, RBAC grants both what group
+  snapshots need, the group class names the driver, and the group example's
+  selector matches exactly its claims, all used by one pod (one node);
 * the real driver, started with the DaemonSet's flags, serves what the
   sidecars expect: Probe ready, GetPluginInfo's name equal to the CSIDriver
   object, the StorageClass provisioner and the VolumeSnapshotClass driver,
   the capabilities csi-provisioner, csi-snapshotter and csi-resizer need,
-  and the deployed StorageClass and VolumeSnapshotClass parameters accepted
-  by CreateVolume and CreateSnapshot.  NodeGetInfo, and the topology that
+  and the parameters of every StorageClass, VolumeSnapshotClass and
+  VolumeGroupSnapshotClass under deploy/ accepted by CreateVolume,
+  CreateSnapshot and CreateVolumeGroupSnapshot; the GroupController that
+  csi-snapshotter's group gate needs.  NodeGetInfo, and the topology that
   the node-deployment sidecars need from CreateVolume, are checked only when
   the driver serves the CSI Node service; until the Node service lands it
   answers UNIMPLEMENTED and nothing is asserted about them.
@@ -73,6 +79,15 @@ DOCS = ROOT / "docs" / "kubernetes.md"
 KUBERNETES_VERSION = "1.37.0"
 
 SNAPSHOT_GROUPS = frozenset({"snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io"})
+# The group-snapshot API of the pinned external-snapshotter (v8.5.0): the
+# CRDs' storage version, the one snapshot-controller and csi-snapshotter use.
+GROUP_API_VERSION = "v1beta2"
+# external-snapshotter's feature gate for volume group snapshots, the same
+# name for snapshot-controller and csi-snapshotter (pkg/features/features.go);
+# off by default in v8.5.0.
+GROUP_GATE = "CSIVolumeGroupSnapshot"
+# The label by which a --node-deployment csi-snapshotter picks its objects.
+MANAGED_BY = "snapshot.storage.kubernetes.io/managed-by"
 KUBEVIRT_GROUPS = frozenset({"kubevirt.io", "snapshot.kubevirt.io", "cdi.kubevirt.io"})
 KUSTOMIZE_GROUP = "kustomize.config.k8s.io"
 KIND_GROUP = "kind.x-k8s.io"
@@ -218,6 +233,7 @@ def test_every_object_validates(manifests: Manifests,
                                 crd_schemas: dict[tuple[str, str, str],
                                                   tuple[dict[str, Any], str]]) -> None:
     checked = 0
+    custom_kinds = set()
     for path, obj in manifests.objects:
         where = rel(path)
         group = group_of(obj)
@@ -239,10 +255,13 @@ def test_every_object_validates(manifests: Manifests,
             if scope == "Cluster":
                 assert "namespace" not in obj["metadata"], \
                     f"{where}: {obj['kind']} is cluster-scoped and takes no namespace"
+            custom_kinds.add(obj["kind"])
         else:
             validate_core(obj, where)
         checked += 1
     assert checked >= 20, f"only {checked} objects were schema-checked"
+    assert {"VolumeSnapshotClass", "VolumeSnapshot", "VolumeGroupSnapshotClass",
+            "VolumeGroupSnapshot"} <= custom_kinds, custom_kinds
 
 
 def test_strictness_catches_unknown_fields(
@@ -261,6 +280,19 @@ def test_strictness_catches_unknown_fields(
     vsc["deletionPolicy"] = "Keep"
     del vsc["parameter"]
     assert list(jsonschema.Draft4Validator(strict_structural(schema)).iter_errors(vsc))
+    # The group kinds too: a misspelt selector, and a class without driver.
+    schema, _ = crd_schemas[("groupsnapshot.storage.k8s.io", GROUP_API_VERSION,
+                             "VolumeGroupSnapshot")]
+    vgs = {"apiVersion": f"groupsnapshot.storage.k8s.io/{GROUP_API_VERSION}",
+           "kind": "VolumeGroupSnapshot", "metadata": {"name": "x"},
+           "spec": {"source": {"selectr": {"matchLabels": {"a": "b"}}}}}
+    assert list(jsonschema.Draft4Validator(strict_structural(schema)).iter_errors(vgs))
+    schema, _ = crd_schemas[("groupsnapshot.storage.k8s.io", GROUP_API_VERSION,
+                             "VolumeGroupSnapshotClass")]
+    vgsc = {"apiVersion": f"groupsnapshot.storage.k8s.io/{GROUP_API_VERSION}",
+            "kind": "VolumeGroupSnapshotClass", "metadata": {"name": "x"},
+            "deletionPolicy": "Delete"}
+    assert list(jsonschema.Draft4Validator(strict_structural(schema)).iter_errors(vgsc))
 
 
 # -- the vendored CRDs -------------------------------------------------------------
@@ -404,6 +436,10 @@ def test_driver_args_parse_with_the_drivers_own_parser(daemonset: dict[str, Any]
     assert options.drivername == manifests.one("CSIDriver")["metadata"]["name"]
     # The pool is a host directory: volumes outlive the pod.
     assert host_path_of(daemonset, c, str(options.pool_root)) == str(options.pool_root)
+    # kind nodes run no libvirtd: the driver is told so rather than failing
+    # to reach it at every cut (docs/kubernetes.md, --libvirt-uri).
+    assert "--libvirt-uri=none" in args
+    assert options.libvirt_uri == "", "--libvirt-uri=none must turn libvirt off"
 
 
 def test_driver_container_is_privileged_with_the_mounts_it_needs(
@@ -530,10 +566,165 @@ def test_classes_and_driver_name_agree(manifests: Manifests) -> None:
 
 def test_docs_cover_every_class_parameter(manifests: Manifests) -> None:
     docs = DOCS.read_text(encoding="utf-8")
-    for kind in ("StorageClass", "VolumeSnapshotClass"):
+    for kind in ("StorageClass", "VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
         for obj in manifests.of_kind(kind):
             for key in obj.get("parameters") or {}:
                 assert f"`{key}`" in docs, f"docs/kubernetes.md does not document {key}"
+
+
+# -- volume group snapshots ----------------------------------------------------------
+
+GROUP_EXAMPLE = K8S / "examples" / "group-snapshot"
+
+
+def feature_gates(value: str, where: str) -> dict[str, bool]:
+    """A ``--feature-gates`` value (``A=true,B=false``) as a dict; every
+    entry must be well formed, as component-base's map flag demands."""
+    gates = {}
+    for entry in value.split(","):
+        name, sep, setting = entry.partition("=")
+        assert sep and re.fullmatch(r"[A-Z][A-Za-z0-9]*", name) and setting in ("true", "false"), \
+            f"{where}: malformed feature gate {entry!r} in --feature-gates={value}"
+        assert name not in gates, f"{where}: feature gate {name} given twice"
+        gates[name] = setting == "true"
+    return gates
+
+
+def controller_args(manifests: Manifests) -> list[str]:
+    ctrl = manifests.one("Deployment", "snapshot-controller")
+    return ctrl["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_group_snapshot_feature_gates(daemonset: dict[str, Any], manifests: Manifests) -> None:
+    """Both external-snapshotter components serve group snapshots: the gate,
+    by its exact name, in the --feature-gates flag v8 uses (v7's
+    --enable-volume-group-snapshots no longer exists)."""
+    sidecar = flags(containers(daemonset)["csi-snapshotter"])
+    assert "feature-gates" in sidecar, "csi-snapshotter needs --feature-gates"
+    assert feature_gates(sidecar["feature-gates"], "csi-snapshotter") == {GROUP_GATE: True}
+    ctrl = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in controller_args(manifests) if "=" in a}
+    assert "--feature-gates" in ctrl, "snapshot-controller needs --feature-gates"
+    assert feature_gates(ctrl["--feature-gates"], "snapshot-controller") == {GROUP_GATE: True}
+    for args in (containers(daemonset)["csi-snapshotter"]["args"], controller_args(manifests)):
+        assert not any(a.startswith("--enable-volume-group-snapshots") for a in args), \
+            "v7's --enable-volume-group-snapshots flag is gone in v8"
+    # The API version the pinned release uses is the vendored CRDs' storage
+    # version, and every group object here uses it.
+    for crd in crd_documents():
+        if crd["spec"]["group"] == "groupsnapshot.storage.k8s.io":
+            storage = [v["name"] for v in crd["spec"]["versions"] if v.get("storage")]
+            assert storage == [GROUP_API_VERSION], f"{crd['metadata']['name']}: {storage}"
+    for _, obj in manifests.objects:
+        if group_of(obj) == "groupsnapshot.storage.k8s.io":
+            assert obj["apiVersion"] == f"groupsnapshot.storage.k8s.io/{GROUP_API_VERSION}", \
+                f"{obj['kind']} {obj['metadata']['name']}: {obj['apiVersion']}"
+
+
+def granted(manifests: Manifests, role_kind: str, role_name: str) -> dict[tuple[str, str], set[str]]:
+    """(API group, resource) -> verbs that one role grants."""
+    role = manifests.one(role_kind, role_name)
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for api_group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                out.setdefault((api_group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_rbac_covers_group_snapshots(manifests: Manifests) -> None:
+    """What each component does with the group-snapshot API (upstream's
+    rbac-csi-snapshotter.yaml and rbac-snapshot-controller.yaml)."""
+    G, S = "groupsnapshot.storage.k8s.io", "snapshot.storage.k8s.io"
+    sidecar = granted(manifests, "ClusterRole", "qsnap-external-snapshotter")
+    needs = {
+        (G, "volumegroupsnapshotclasses"): {"get", "list", "watch"},
+        (G, "volumegroupsnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+        (G, "volumegroupsnapshotcontents/status"): {"update", "patch"},
+    }
+    for key, verbs in needs.items():
+        assert verbs <= sidecar.get(key, set()), f"csi-snapshotter: {key} needs {verbs}"
+    ctrl = granted(manifests, "ClusterRole", "snapshot-controller-runner")
+    needs = {
+        (G, "volumegroupsnapshotclasses"): {"get", "list", "watch"},
+        (G, "volumegroupsnapshotcontents"): {"create", "get", "list", "watch", "update",
+                                             "delete", "patch"},
+        (G, "volumegroupsnapshotcontents/status"): {"patch"},
+        (G, "volumegroupsnapshots"): {"get", "list", "watch", "update", "patch"},
+        (G, "volumegroupsnapshots/status"): {"update", "patch"},
+        # The members: one VolumeSnapshot and content per volume of a group.
+        (S, "volumesnapshots"): {"create", "get", "list", "watch", "update", "patch", "delete"},
+        (S, "volumesnapshots/status"): {"update", "patch"},
+        (S, "volumesnapshotcontents"): {"create", "get", "list", "watch", "update", "patch",
+                                        "delete"},
+        (S, "volumesnapshotcontents/status"): {"patch"},
+    }
+    for key, verbs in needs.items():
+        assert verbs <= ctrl.get(key, set()), f"snapshot-controller: {key} needs {verbs}"
+
+
+def test_group_snapshot_class_and_example(manifests: Manifests) -> None:
+    """The group class names the driver and is its one default; the example
+    VolumeGroupSnapshot selects exactly its claims (by matchLabels only:
+    snapshot-controller v8.5.0 lists claims by the selector's matchLabels and
+    ignores matchExpressions), qsnap claims that one pod uses, so that they
+    are created in one node's pool."""
+    driver = manifests.one("CSIDriver")["metadata"]["name"]
+    classes = {c["metadata"]["name"]: c for c in manifests.of_kind("VolumeGroupSnapshotClass")}
+    assert classes, "no VolumeGroupSnapshotClass"
+    for c in classes.values():
+        assert c["driver"] == driver, f"VolumeGroupSnapshotClass {c['metadata']['name']}"
+        # A node label would send every group of every node to one node.
+        assert MANAGED_BY not in c["metadata"].get("labels", {}), \
+            "a shipped group class must not be pinned to one node"
+    defaults = [n for n, c in classes.items()
+                if c["metadata"].get("annotations", {}).get(
+                    "groupsnapshot.storage.kubernetes.io/is-default-class") == "true"]
+    assert defaults == ["qsnap-group"], defaults
+    # Neither "k8s.io" spelling nor the VolumeSnapshotClass key marks a group default.
+    for c in classes.values():
+        for key in c["metadata"].get("annotations", {}):
+            assert key in ("groupsnapshot.storage.kubernetes.io/is-default-class",), \
+                f"VolumeGroupSnapshotClass {c['metadata']['name']}: unexpected annotation {key}"
+
+    example = [o for p, o in manifests.objects if GROUP_EXAMPLE in p.parents]
+    snaps = [o for o in example if o["kind"] == "VolumeGroupSnapshot"]
+    assert len(snaps) == 1
+    vgs = snaps[0]
+    assert vgs["spec"]["volumeGroupSnapshotClassName"] in classes
+    selector = vgs["spec"]["source"]["selector"]
+    assert set(selector) == {"matchLabels"} and selector["matchLabels"], \
+        "snapshot-controller v8.5.0 honours matchLabels only"
+    wanted = selector["matchLabels"].items()
+    claims = [o for o in example if o["kind"] == "PersistentVolumeClaim"]
+    matched = {c["metadata"]["name"] for c in claims
+               if wanted <= c["metadata"].get("labels", {}).items()}
+    assert len(matched) >= 2, f"the selector matches {sorted(matched)}: a group needs two"
+    assert matched == {c["metadata"]["name"] for c in claims}, \
+        "every claim of the example belongs to the group"
+    for obj in (vgs, *claims):
+        assert "namespace" not in obj["metadata"], \
+            f"{obj['metadata']['name']}: examples take the namespace they are applied to"
+    provisioners = {o["metadata"]["name"]: o["provisioner"] for o in manifests.of_kind("StorageClass")}
+    for c in claims:
+        assert provisioners[c["spec"]["storageClassName"]] == driver, c["metadata"]["name"]
+    pods = [o for o in example if o["kind"] == "Pod"]
+    assert any({v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+                if "persistentVolumeClaim" in v} >= matched for pod in pods), \
+        "one pod must use every member, or the volumes may land on different nodes"
+    # The files are applied in order: claims and pod before the snapshot.
+    order = sorted(GROUP_EXAMPLE.glob("*.yaml"))
+    kinds_in_order = [o["kind"] for path in order for o in load_documents(path)]
+    assert kinds_in_order.index("VolumeGroupSnapshot") == len(kinds_in_order) - 1
+
+
+def test_docs_describe_group_snapshots_and_libvirt() -> None:
+    docs = DOCS.read_text(encoding="utf-8")
+    assert f"--feature-gates={GROUP_GATE}=true" in docs
+    assert MANAGED_BY in docs, "the node-deployment label workaround must be documented"
+    assert "--libvirt-uri=none" in docs and "qemu:///system" in docs
+    for indication in ("Online", "Offline", "GuestAgent", "NoGuestAgent", "QuiesceFailed",
+                       "QuiesceTimeout", "QuiesceDisabled", "Paused", "FilesystemFrozen"):
+        assert f"| `{indication}` |" in docs, f"docs/kubernetes.md: indication {indication}"
 
 
 # -- KubeVirt, CDI, kind, scripts, image ---------------------------------------------
@@ -741,3 +932,72 @@ def test_driver_serves_what_the_sidecars_expect(driver_factory: Any, daemonset: 
     assert Service.VOLUME_ACCESSIBILITY_CONSTRAINTS in services
     assert [dict(t.segments) for t in volume.accessible_topology] == \
         [{TOPOLOGY_KEY: driver.nodeid}]
+
+
+def test_driver_serves_group_snapshots_and_every_class(driver_factory: Any,
+                                                       daemonset: dict[str, Any],
+                                                       manifests: Manifests) -> None:
+    """With csi-snapshotter's CSIVolumeGroupSnapshot gate on, the sidecar
+    asks GroupControllerGetCapabilities for CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT;
+    every snapshot and group class under deploy/ (examples included) must
+    pass the driver's parameter checks as the sidecar sends them."""
+    import grpc
+
+    from csidriver.pb import csi_pb2, csi_pb2_grpc
+
+    driver = driver_factory(*daemonset_driver_flags(daemonset))
+    plugin = driver.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
+    services = {c.service.type for c in plugin.capabilities if c.HasField("service")}
+    assert csi_pb2.PluginCapability.Service.GROUP_CONTROLLER_SERVICE in services
+    group = csi_pb2_grpc.GroupControllerStub(driver.channel)
+    caps = group.GroupControllerGetCapabilities(csi_pb2.GroupControllerGetCapabilitiesRequest())
+    assert csi_pb2.GroupControllerServiceCapability.RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT \
+        in {c.rpc.type for c in caps.capabilities}
+
+    Mode = csi_pb2.VolumeCapability.AccessMode
+    capability = csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
+        access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER))
+    volumes = [driver.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name=f"pvc-{i}", volume_capabilities=[capability],
+        capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 30))).volume.volume_id
+        for i in range(2)]
+
+    def accepted(what: str, call: Any) -> Any:
+        """The call's response; a refusal other than INVALID_ARGUMENT is
+        the driver's judgement of the guests (guest-agent required), not of
+        the parameters, and passes."""
+        try:
+            return call()
+        except grpc.RpcError as e:
+            assert e.code() != grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e.details()}"
+            return None
+
+    vscs = manifests.of_kind("VolumeSnapshotClass")
+    assert {"qsnap", "qsnap-fsfreeze", "qsnap-vm-consistent"} <= \
+        {c["metadata"]["name"] for c in vscs}
+    for i, vsc in enumerate(vscs):
+        params = dict(vsc.get("parameters") or {})
+        params.update({"csi.storage.k8s.io/volumesnapshot/name": f"snap-{i}",
+                       "csi.storage.k8s.io/volumesnapshot/namespace": "default",
+                       "csi.storage.k8s.io/volumesnapshotcontent/name": f"snapcontent-{i}"})
+        accepted(f"VolumeSnapshotClass {vsc['metadata']['name']}",
+                 lambda: driver.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+                     name=f"snapshot-{i}", source_volume_id=volumes[0], parameters=params)))
+
+    for i, vgsc in enumerate(manifests.of_kind("VolumeGroupSnapshotClass")):
+        params = dict(vgsc.get("parameters") or {})
+        # csi-snapshotter --extra-create-metadata, for groups.
+        params.update({"csi.storage.k8s.io/volumegroupsnapshot/name": f"group-{i}",
+                       "csi.storage.k8s.io/volumegroupsnapshot/namespace": "default",
+                       "csi.storage.k8s.io/volumegroupsnapshotcontent/name": f"groupcontent-{i}"})
+        response = accepted(
+            f"VolumeGroupSnapshotClass {vgsc['metadata']['name']}",
+            lambda: group.CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
+                name=f"groupsnapshot-{i}", source_volume_ids=volumes, parameters=params)))
+        assert response is not None, "the default group class must cut"
+        members = response.group_snapshot.snapshots
+        assert sorted(m.source_volume_id for m in members) == sorted(volumes)
+        assert response.group_snapshot.ready_to_use
+        assert all(m.group_snapshot_id == response.group_snapshot.group_snapshot_id
+                   for m in members)
