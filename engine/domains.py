@@ -20,6 +20,7 @@ import threading
 from engine.errors import EngineError, InUse
 from engine.layout import Layout
 from engine.model import Volume
+from engine.qemu_img import image_locks
 from engine.virt import DomainError, DomainUse, Hypervisor, HypervisorUnavailable
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,39 @@ class DomainOwner:
                              dict[str, tuple[DomainUse, str]]] = {}
         self._prepared_lock = threading.Lock()
 
-    def _users(self, volumes: list[Volume]) -> dict[str, tuple[DomainUse, str]]:
-        """Volume ID → (the domain, its disk target) that has the volume's
-        top open.
+    def claims(self, volume: Volume) -> bool:
+        """Whether a stopped domain's persistent definition names the
+        volume's top file as a disk: a cut must then point that definition
+        at the new top, or the domain would start on the snapshot's layer.
+        A libvirt that cannot be reached claims nothing (logged).
+        """
+        try:
+            return bool(self._defined_users([volume]))
+        except HypervisorUnavailable as e:
+            log.warning("volume %s: libvirt cannot be reached to check stopped domains' "
+                        "definitions: %s", volume.id, e)
+            return False
 
-        :raises InUse: a top is open by something that is not a domain at
-            this libvirt, or by two domains.
+    def _defined_users(self, volumes: list[Volume]) -> dict[str, list[tuple[DomainUse, str]]]:
+        """Volume ID → (stopped domain, disk target) pairs whose persistent
+        definitions name the volume's top file.
+
+        :raises HypervisorUnavailable: libvirt cannot be reached.
+        """
+        tops = {v.id: self.layout.layer_path(v.top_layer) for v in volumes}
+        found: dict[str, list[tuple[DomainUse, str]]] = {}
+        for use in self.hypervisor.domains_using({}, tops=tops, stopped=True):
+            for volume_id, target in use.direct:
+                found.setdefault(volume_id, []).append((use, target))
+        return found
+
+    def _users(self, volumes: list[Volume], *, require: bool = False
+               ) -> dict[str, tuple[DomainUse, str]]:
+        """Volume ID → (the running domain, its disk target) that has the
+        volume's top open.
+
+        :raises InUse: a top is open by two domains, or (``require``) a
+            volume's top is open by no running domain at this libvirt.
         :raises HypervisorUnavailable: libvirt cannot be reached.
         """
         tops = {v.id: self.layout.layer_path(v.top_layer) for v in volumes}
@@ -75,7 +103,7 @@ class DomainOwner:
                                 f"{found[volume_id][0].name} and {use.name}")
                 found[volume_id] = (use, target)
         missing = [v for v in tops if v not in found]
-        if missing:
+        if missing and require:
             raise InUse(f"volume {', '.join(missing)} is open: a process has its top layer open "
                         f"for writing, and no domain at {self.hypervisor.uri} uses it")
         return found
@@ -87,15 +115,16 @@ class DomainOwner:
 
         :raises InUse: a volume's top is open by no domain, or by two.
         """
-        users = self._lookup([v for v, _ in cuts])
+        users = self._lookup([v for v, _ in cuts], running_only=False)
         with self._prepared_lock:
             if len(self._prepared) > _PREPARED_MAX:     # cuts abandoned after prepare
                 self._prepared.clear()
             self._prepared[_key(cuts)] = users
 
-    def _lookup(self, volumes: list[Volume]) -> dict[str, tuple[DomainUse, str]]:
+    def _lookup(self, volumes: list[Volume], *, running_only: bool = False
+                ) -> dict[str, tuple[DomainUse, str]]:
         try:
-            return self._users(volumes)
+            return self._users(volumes, require=running_only)
         except HypervisorUnavailable as e:
             raise InUse(f"volumes {', '.join(v.id for v in volumes)} are open by a domain, "
                         f"and libvirt cannot be reached to switch them: {e}") from e
@@ -115,6 +144,15 @@ class DomainOwner:
             users = self._prepared.pop(_key(cuts), None)
         if users is None:
             users = self._lookup([v for v, _ in cuts])
+        stopped = [(v, layer) for v, layer in cuts if v.id not in users]
+        held = [v.id for v, _ in stopped
+                if image_locks(self.layout.layer_path(v.top_layer)).writer]
+        if held:
+            raise InUse(f"volume {', '.join(held)} is open: a process has its top layer open "
+                        f"for writing, and no domain at {self.hypervisor.uri} uses it")
+        if stopped:
+            self._retarget_definitions(stopped)
+            cuts = [(v, layer) for v, layer in cuts if v.id in users]
         per_domain: dict[str, tuple[DomainUse, dict[str, str], list[str]]] = {}
         for volume, layer in cuts:
             use, target = users[volume.id]
@@ -140,7 +178,32 @@ class DomainOwner:
             switched.extend(volume_ids)
             log.info("domain %s: switched disks %s to new layers (volumes %s)", use.name,
                      ", ".join(sorted(overlays)), ", ".join(volume_ids))
-        return ("Online",)
+        return ("Online",) if cuts else ()
+
+    def _retarget_definitions(self, cuts: list[tuple[Volume, str]]) -> None:
+        """Point the stopped domains that name the volumes' tops at the new
+        layers (before the catalog commits the cut: a domain started in
+        between opens the new layer, backed by the old one).
+
+        :raises InUse: a volume is named by no stopped domain either.
+        :raises DomainError: libvirt refused a definition.
+        """
+        try:
+            defined = self._defined_users([v for v, _ in cuts])
+        except HypervisorUnavailable as e:
+            raise InUse(f"libvirt cannot be reached to update the domains that use volumes "
+                        f"{', '.join(v.id for v, _ in cuts)}: {e}") from e
+        per_domain: dict[str, tuple[DomainUse, dict[str, str]]] = {}
+        for volume, layer in cuts:
+            if volume.id not in defined:
+                raise InUse(f"volume {volume.id}: no domain uses its top any more; retry")
+            for use, target in defined[volume.id]:
+                per_domain.setdefault(use.uuid, (use, {}))[1][target] = os.fspath(
+                    self.layout.layer_path(layer))
+        for use, sources in per_domain.values():
+            self.hypervisor.retarget_disks(self.hypervisor.lookup(use.uuid), sources)
+            log.info("domain %s (stopped): disks %s now on the volumes' new tops", use.name,
+                     ", ".join(sorted(sources)))
 
     def resize(self, volume: Volume, size_bytes: int) -> None:
         """Grow the volume's disk in the domain (the guest sees it at once).
@@ -148,7 +211,7 @@ class DomainOwner:
         :raises InUse: no domain has the volume's top open.
         :raises DomainError: libvirt refused.
         """
-        use, target = self._users([volume])[volume.id]
+        use, target = self._users([volume], require=True)[volume.id]
         self.hypervisor.block_resize(self.hypervisor.lookup(use.uuid), target, size_bytes)
         log.info("volume %s: grown to %d bytes in domain %s (disk %s)", volume.id, size_bytes,
                  use.name, target)

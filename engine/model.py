@@ -146,6 +146,11 @@ class TopOwner(Protocol):
     """Changes the top layer of volumes that a process other than qsnap has
     open: the only way such a layer may change (``Pool.attach_owner``)."""
 
+    def claims(self, volume: Volume) -> bool:
+        """Whether the owner must switch this volume although no process
+        has its top open now (a stopped domain's definition names it)."""
+        ...
+
     def prepare(self, cuts: list[tuple[Volume, str]]) -> None:
         """Do ahead of the switch, before any guest is frozen, whatever
         lookups the switch needs, so that the frozen window holds only the

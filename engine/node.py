@@ -631,6 +631,10 @@ class Node:
 
     # -- TopOwner: changes the pool routes here ------------------------------
 
+    def claims(self, volume: Volume) -> bool:
+        """Served volumes are recorded as such in the catalog."""
+        return False
+
     def prepare(self, cuts: list[tuple[Volume, str]]) -> None:
         """Nothing to look up ahead: the overlay nodes are added inside the
         switch, so that a cut abandoned before it leaves no node behind."""
@@ -642,11 +646,13 @@ class Node:
         indications = ["Online"]
         with ExitStack() as frozen:
             if freeze:
-                for volume, _ in cuts:
-                    staging = self._staging(volume.id)
-                    if staging.access == MOUNT:
-                        frozen.enter_context(self.devices.frozen(Path(staging.staging_path)))
-                indications.append("FilesystemFrozen")
+                # Only staged filesystems can be frozen here; a block volume's
+                # user (a guest) is quiesced by the pool's quiescer instead.
+                mounts = [s for s in (self._staging(v.id) for v, _ in cuts) if s.access == MOUNT]
+                for staging in mounts:
+                    frozen.enter_context(self.devices.frozen(Path(staging.staging_path)))
+                if mounts:
+                    indications.append("FilesystemFrozen")
             self.qsd.cut([Cut(volume.id, layer, self.pool.layer_path(layer))
                           for volume, layer in cuts])
         return tuple(indications)

@@ -33,7 +33,7 @@ from engine.errors import (AlreadyExists, Busy, CatalogCorrupt, InUse, InvalidAr
                            NotFound, OutOfRange, PoolFull)
 from engine.layout import Layout, PoolLock, new_id
 from engine.locks import KeyedLock
-from engine.freeze import Policy, parse_deadline
+from engine.freeze import GuestAgentUnavailable, Policy, parse_deadline
 from engine.model import (Capacity, ContentSource, GroupSnapshot, Layer, LayerInfo, Owner, Page,
                           QuiesceSession, Quiescer, Snapshot, SnapshotSource, TopOwner, Volume,
                           VolumeSource)
@@ -693,11 +693,11 @@ class Pool:
             switched.extend(getattr(exc, "switched", ()))
             self._abandon_cut(intent, body, switched)
             raise
-        for i, (snapshot, handler) in enumerate(zip(snapshots, handlers)):
+        for i, snapshot in enumerate(snapshots):
             marks = list(owner_marks.get(snapshot.source_volume_id, ()))
             marks += session.indications_for(snapshot.source_volume_id)
             snapshots[i] = replace(snapshot, indications=_order_indications(
-                marks, online=handler is not None or bool(marks)))
+                marks, online="Online" in marks))
         body["snapshots"] = [_snapshot_body(s) for s in snapshots]
         if group is not None:
             body["group"]["indications"] = list(_order_indications(
@@ -722,6 +722,10 @@ class Pool:
         """The attached quiescer's session for these volumes, or a session
         that quiets nothing."""
         if self._quiescer is None:
+            if Policy.parse(params.get(GUEST_AGENT)) is Policy.REQUIRED:
+                raise GuestAgentUnavailable(
+                    "policy required, but this driver does not talk to libvirt (--libvirt-uri "
+                    "none), so no guest can be frozen")
             yield _NO_QUIESCE
             return
         paths = {v.id: self._access_paths(v) for v in volumes}
@@ -838,9 +842,13 @@ class Pool:
                     tx.set_owner(volume.id, owner)
                 log.info("volume %s: %s", volume.id, "a domain has its top open: domain-owned"
                          if writer else "no process has its top open any more: closed")
+            domains = self._owners.get(Owner.DOMAIN)
             if owner is Owner.CLOSED:
-                return None
-            return self._owners[Owner.DOMAIN]
+                # A stopped domain whose definition names the top must be
+                # pointed at the new top, or it would start on the
+                # snapshot's layer.
+                return domains if domains is not None and domains.claims(volume) else None
+            return domains
         if volume.owner not in self._owners:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}) and this driver "
                         "has no connection to its owner")
@@ -882,6 +890,10 @@ class Pool:
         if volume.owner is not Owner.CLOSED:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}); "
                         "release it before this operation")
+        domains = self._owners.get(Owner.DOMAIN)
+        if domains is not None and domains.claims(volume):
+            raise InUse(f"volume {volume.id} is in use: a stopped domain's definition names its "
+                        "top layer as a disk; detach it or undefine the domain first")
         if self._top_open(volume):
             raise InUse(f"volume {volume.id} is open: a process (a domain's QEMU?) has its top "
                         "layer open for writing; release it before this operation")

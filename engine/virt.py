@@ -294,13 +294,15 @@ class Hypervisor:
     # -- discovery -----------------------------------------------------------
 
     def domains_using(self, volumes: Mapping[str, Iterable[str | os.PathLike[str]]], *,
-                      tops: Mapping[str, str | os.PathLike[str]] | None = None
-                      ) -> list[DomainUse]:
+                      tops: Mapping[str, str | os.PathLike[str]] | None = None,
+                      stopped: bool = False) -> list[DomainUse]:
         """The active domains (running or paused) whose disks use any of the
         given paths.  ``volumes`` maps a volume ID to its paths: the device
         qsnap serves, and/or the volume's qcow2 layer files.  ``tops`` maps
         a volume ID to its top layer file: a disk whose top source is that
-        file is listed in :attr:`DomainUse.direct`.
+        file is listed in :attr:`DomainUse.direct`.  ``stopped``: look at
+        the persistent definitions of the domains that are *not* running
+        instead (what they will open when started).
 
         :raises HypervisorUnavailable: libvirt cannot be reached.
         """
@@ -316,13 +318,15 @@ class Hypervisor:
                 top_keys[key] = volume_id
         conn = self.connection()
         try:
-            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            domains = conn.listAllDomains(
+                libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
+                if stopped else libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         except libvirt.libvirtError as e:
             raise HypervisorUnavailable(f"listing domains at {self.uri}: {e.get_error_message()}") from e
         uses: list[DomainUse] = []
         for dom in domains:
             try:
-                xml = dom.XMLDesc(0)
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if stopped else 0)
                 name, uuid = dom.name(), dom.UUIDString()
             except libvirt.libvirtError:
                 continue    # it stopped while we looked: not a user any more
@@ -458,6 +462,39 @@ class Hypervisor:
             raise self._error(f"resizing disk {target} of domain {self.name(dom)}", e) from e
 
     # -- definitions -----------------------------------------------------------
+
+    def retarget_disks(self, dom: Any, sources: Mapping[str, str | os.PathLike[str]]) -> None:
+        """Point disks of a stopped domain's persistent definition at new
+        qcow2 files (target → path), dropping the backing chains libvirt
+        recorded (it probes them again at start).
+
+        :raises DomainError: the domain runs, has no such disk, or libvirt
+            rejects the definition (nothing changed).
+        """
+        if self.is_active(dom):
+            raise DomainError(f"domain {self.name(dom)} started: its disks are switched "
+                              "through its QEMU, not its definition")
+        root = ET.fromstring(self.xml(dom, inactive=True))
+        wanted = {t: os.fspath(p) for t, p in sources.items()}
+        seen: set[str] = set()
+        for disk_el in root.iterfind("./devices/disk"):
+            target = disk_el.find("target")
+            dev = target.get("dev", "") if target is not None else ""
+            if dev not in wanted:
+                continue
+            seen.add(dev)
+            for old in disk_el.findall("backingStore"):
+                disk_el.remove(old)
+            source = disk_el.find("source")
+            if source is None:
+                source = ET.SubElement(disk_el, "source")
+            source.attrib.clear()
+            source.set("file", wanted[dev])
+            disk_el.set("type", "file")
+        missing = sorted(set(wanted) - seen)
+        if missing:
+            raise DomainError(f"domain {self.name(dom)} has no disk {', '.join(missing)}")
+        self.define(ET.tostring(root, encoding="unicode"))
 
     def define(self, xml: str) -> Any:
         """Define (or redefine, same UUID) a persistent domain.

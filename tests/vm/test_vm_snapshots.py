@@ -33,7 +33,7 @@ from guest_lib import (CACHE, ROOT, URI, Guest, Host, boot, domain_xml,  # noqa:
                        host)  # noqa: F401  (fixture by name)
 
 from engine.domains import DomainOwner  # noqa: E402
-from engine.errors import FailedPrecondition  # noqa: E402
+from engine.errors import FailedPrecondition, InUse  # noqa: E402
 from engine.freeze import Freezer, FreezeDeadlineExceeded  # noqa: E402
 from engine.guests import GuestQuiescer  # noqa: E402
 from engine.model import Owner, SnapshotSource  # noqa: E402
@@ -271,6 +271,19 @@ def test_an_overrun_deadline_fails_the_snapshot_thaws_and_leaves_nothing(
     print(f"\ndeadline 1s overrun: failed after {took:.1f}s")
 
 
+def test_a_paused_domain_is_cut_online_without_a_freeze(
+        bench: Bench, vms: tuple[Pool, Hypervisor, VirtualMachines]) -> None:
+    _pool, _hv, vm_ops = vms
+    bench.vm.dom.suspend()
+    try:
+        snap = vm_ops.snapshot(bench.name, "paused")
+    finally:
+        bench.vm.dom.resume()
+    assert snap.status == READY and snap.online
+    assert snap.indications == ("Online", "Paused")
+    vm_ops.delete(snap.id)
+
+
 KILLED_DRIVER = """
 import os, sys
 sys.path.insert(0, sys.argv[1] + "/tests/vm")
@@ -333,9 +346,18 @@ def test_restore_and_clone_boot_on_the_data_of_the_snapshot(
     # Restoring the stopped, now persistent VM again reports the volumes it
     # stops using; they are kept.
     hv.destroy(dom)
+    offline = vm_ops.snapshot(bench.name, "offline")
+    assert offline.status == READY and not offline.online
+    assert offline.indications == ("Offline",)
+    # The stopped domain's definition follows its volumes to their new tops
+    # (it would otherwise start on the snapshot's layers).
+    assert {d.target: os.path.realpath(d.source) for d in disks(hv.xml(dom, inactive=True))} \
+        == catalog_tops(pool, (restored.volumes["vda"], restored.volumes["vdb"]))
     second = vm_ops.restore(s1.id)
     assert second.replaced == restored.volumes
     assert all(pool.get_volume(v) for v in second.replaced.values())
+    with pytest.raises(InUse, match="stopped domain"):
+        pool.delete_volume(second.volumes["vda"])
 
     clone_name = f"qsnap-test-clone-{os.getpid()}"
     cloned = vm_ops.clone(s1.id, clone_name, start=True)
