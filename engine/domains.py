@@ -117,9 +117,15 @@ class DomainOwner:
         """
         users = self._lookup([v for v, _ in cuts], running_only=False)
         with self._prepared_lock:
-            if len(self._prepared) > _PREPARED_MAX:     # cuts abandoned after prepare
+            if len(self._prepared) > _PREPARED_MAX:     # never switched nor abandoned
                 self._prepared.clear()
             self._prepared[_key(cuts)] = users
+
+    def abandon(self, cuts: list[tuple[Volume, str]]) -> None:
+        """Forget the lookups :meth:`prepare` made for a cut that will not
+        be switched."""
+        with self._prepared_lock:
+            self._prepared.pop(_key(cuts), None)
 
     def _lookup(self, volumes: list[Volume], *, running_only: bool = False
                 ) -> dict[str, tuple[DomainUse, str]]:

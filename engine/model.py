@@ -160,6 +160,11 @@ class TopOwner(Protocol):
         """
         ...
 
+    def abandon(self, cuts: list[tuple[Volume, str]]) -> None:
+        """Undo what :meth:`prepare` did for a cut that will not be switched
+        (it failed, or the quiesce refused).  Never raises."""
+        ...
+
     def switch(self, cuts: list[tuple[Volume, str]], *, freeze: bool) -> tuple[str, ...]:
         """Make each new layer (already written, backed by the volume's
         current top) the volume's top in the owning process, atomically

@@ -636,8 +636,17 @@ class Node:
         return False
 
     def prepare(self, cuts: list[tuple[Volume, str]]) -> None:
-        """Nothing to look up ahead: the overlay nodes are added inside the
-        switch, so that a cut abandoned before it leaves no node behind."""
+        """Add the overlays' nodes to the storage daemon ahead of the
+        switch: the switch is then one QMP ``transaction``, and a guest
+        frozen around it waits for that only."""
+        self.qsd.prepare_cut([Cut(volume.id, layer, self.pool.layer_path(layer))
+                              for volume, layer in cuts])
+
+    def abandon(self, cuts: list[tuple[Volume, str]]) -> None:
+        """Remove the nodes :meth:`prepare` added for a cut that will not
+        happen.  Never raises."""
+        self.qsd.abandon_cut([Cut(volume.id, layer, self.pool.layer_path(layer))
+                              for volume, layer in cuts])
 
     def switch(self, cuts: list[tuple[Volume, str]], *, freeze: bool) -> tuple[str, ...]:
         """Cut served volumes through the QSD, atomically across them; with

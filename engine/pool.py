@@ -669,6 +669,7 @@ class Pool:
         intent = self._begin("snapshot", body, new=tuple(new_tops),
                              pins=tuple(v.top_layer for _, v in items))
         switched: list[str] = []
+        prepared: list[tuple[TopOwner, list[tuple[Volume, str]]]] = []
         try:
             for (_, volume), new_top in zip(items, new_tops):
                 self._make_layer(new_top, volume.size_bytes, volume.top_layer)
@@ -679,6 +680,7 @@ class Pool:
                     by_owner.setdefault(id(handler), (handler, []))[1].append((volume, new_top))
             for handler, cuts in by_owner.values():
                 handler.prepare(cuts)
+                prepared.append((handler, cuts))
             owner_marks: dict[str, tuple[str, ...]] = {}
             with self._quiesced([v for _, v in items], params) as session:
                 session.check()
@@ -691,6 +693,10 @@ class Pool:
         except BaseException as exc:
             # An owner that failed part-way says which volumes it switched.
             switched.extend(getattr(exc, "switched", ()))
+            for handler, cuts in prepared:
+                unswitched = [(v, layer) for v, layer in cuts if v.id not in switched]
+                if unswitched:
+                    handler.abandon(unswitched)
             self._abandon_cut(intent, body, switched)
             raise
         for i, snapshot in enumerate(snapshots):

@@ -59,14 +59,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 
 from engine.devices import nbd_uri, parse_mountinfo
-from engine.errors import (AlreadyExists, Busy, FailedPrecondition, ImageError,
+from engine.errors import (AlreadyExists, Busy, EngineError, FailedPrecondition, ImageError,
                            InvalidArgument, NotFound, OutOfRange)
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,9 @@ class _Volume:
     volume_id: str
     layers: list[_Layer]     # top first
     read_only: bool
+    # Overlay nodes added ahead of a cut (prepare_cut), by layer ID: in the
+    # daemon, not yet in the chain.
+    prepared: dict[str, _Layer] = field(default_factory=dict)
 
     @property
     def top(self) -> _Layer:
@@ -1187,6 +1190,67 @@ class StorageDaemon:
 
     # -- cuts ------------------------------------------------------------
 
+    def _check_cuts(self, cuts: Sequence[Cut]) -> list[str]:
+        if not cuts:
+            raise InvalidArgument("a cut needs at least one volume")
+        volume_ids = [c.volume_id for c in cuts]
+        if len(set(volume_ids)) != len(volume_ids):
+            raise InvalidArgument("a volume appears twice in one cut")
+        for c in cuts:
+            _check_volume_id(c.volume_id)
+            _check_layer_id(c.new_layer_id)
+        return volume_ids
+
+    def prepare_cut(self, cuts: Sequence[Cut]) -> None:
+        """Add the cuts' overlay nodes now, so that :meth:`cut` is one QMP
+        ``transaction`` (and a guest frozen around it waits for that only).
+        Changes nothing the volumes serve.  :meth:`abandon_cut` removes the
+        nodes again if the cut does not follow.
+
+        :raises InvalidArgument: no cuts, a volume twice, a bad ID.
+        :raises VolumeNotOpen: a volume is not open.
+        :raises Busy: a volume is held by a block job past the timeout.
+        :raises QmpError: QEMU cannot open an overlay (none stays added).
+        """
+        volume_ids = self._check_cuts(cuts)
+        with self._locks.hold(volume_ids, self.timeout):
+            volumes = [self._volume(c.volume_id) for c in cuts]
+            added: list[tuple[str, str]] = []
+            try:
+                for c, volume in zip(cuts, volumes):
+                    if volume.read_only or c.new_layer_id in volume.prepared:
+                        continue        # cut() reports a read-only volume
+                    overlay = _Layer(c.new_layer_id, Path(os.path.abspath(c.new_path)),
+                                     node_name(c.volume_id, c.new_layer_id))
+                    self._add_overlay(c.volume_id, overlay)
+                    added.append((c.volume_id, overlay.node))
+                    with self._guard:
+                        volume.prepared[c.new_layer_id] = overlay
+            except BaseException:
+                for (volume_id, node), volume in zip(added, volumes):
+                    self._del_nodes(volume_id, [node], strict=False)
+                with self._guard:
+                    for c, volume in zip(cuts, volumes):
+                        volume.prepared.pop(c.new_layer_id, None)
+                raise
+
+    def abandon_cut(self, cuts: Sequence[Cut]) -> None:
+        """Remove the overlay nodes :meth:`prepare_cut` added for cuts that
+        will not happen.  Never raises (a node that cannot be removed is
+        logged; closing the chain removes it later)."""
+        for c in cuts:
+            with self._guard:
+                volume = self._volumes.get(c.volume_id)
+                overlay = volume.prepared.pop(c.new_layer_id, None) if volume else None
+            if overlay is None:
+                continue
+            try:
+                with self._locks.hold([c.volume_id], self.timeout):
+                    self._del_nodes(c.volume_id, [overlay.node], strict=False)
+            except EngineError as e:
+                log.warning("volume %s: overlay node of layer %s not removed: %s", c.volume_id,
+                            c.new_layer_id, e)
+
     def cut(self, cuts: Sequence[Cut]) -> None:
         """Switch each volume to its new overlay, atomically across all of
         them: the overlays are added as nodes (``"backing": null``: the
@@ -1207,14 +1271,7 @@ class StorageDaemon:
         :raises QmpError: QEMU refused; no volume changed and the added
             overlay nodes are removed again.
         """
-        if not cuts:
-            raise InvalidArgument("a cut needs at least one volume")
-        volume_ids = [c.volume_id for c in cuts]
-        if len(set(volume_ids)) != len(volume_ids):
-            raise InvalidArgument("a volume appears twice in one cut")
-        for c in cuts:
-            _check_volume_id(c.volume_id)
-            _check_layer_id(c.new_layer_id)
+        volume_ids = self._check_cuts(cuts)
         with self._locks.hold(volume_ids, self.timeout):
             volumes = [self._volume(c.volume_id) for c in cuts]
             for c, volume in zip(cuts, volumes):
@@ -1230,7 +1287,10 @@ class StorageDaemon:
             actions: list[dict[str, Any]] = []
             try:
                 for c, volume, overlay in zip(cuts, volumes, overlays):
-                    self._add_overlay(c.volume_id, overlay)
+                    with self._guard:
+                        prepared = volume.prepared.pop(c.new_layer_id, None)
+                    if prepared is None:
+                        self._add_overlay(c.volume_id, overlay)
                     added.append((c.volume_id, overlay.node))
                     actions.append(self._snapshot_action(volume.top.node, overlay.node))
                 started = time.monotonic()
