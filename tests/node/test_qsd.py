@@ -665,3 +665,37 @@ def test_start_failure_is_typed(run_dir: Path) -> None:
             d.qmp("query-version")
     with pytest.raises(InvalidArgument):
         StorageDaemon(run_dir / ("x" * 120))
+
+
+def test_a_prepared_cut_switches_with_one_transaction_or_is_abandoned_cleanly(
+        daemon: StorageDaemon, pool: Pool, run_dir: Path) -> None:
+    pool.make(layer_id(1))
+    daemon.open_chain(VOL_A, pool.chain(layer_id(1)), read_only=False)
+    export = run_dir / "a.raw"
+    daemon.export_fuse(VOL_A, export, writable=True)
+    write(export, 0, b"\x11" * BLOCK)
+    chain_nodes = volume_nodes(daemon, VOL_A)
+
+    # Prepared, then abandoned: the overlay node comes and goes, the chain
+    # and its data stay as they were.
+    pool.make(layer_id(2), backing=layer_id(1))
+    cut2 = [Cut(VOL_A, layer_id(2), pool.path(layer_id(2)))]
+    daemon.prepare_cut(cut2)
+    assert volume_nodes(daemon, VOL_A) == chain_nodes | {node_name(VOL_A, layer_id(2))}
+    assert daemon.chain(VOL_A) == [layer_id(1)]
+    daemon.abandon_cut(cut2)
+    daemon.abandon_cut(cut2)                  # nothing left to abandon: no error
+    assert volume_nodes(daemon, VOL_A) == chain_nodes
+    assert read(export, 0, BLOCK) == b"\x11" * BLOCK
+
+    # Prepared, then cut: the prepared node becomes the top; writes land in it.
+    pool.make(layer_id(3), backing=layer_id(1))
+    cut3 = [Cut(VOL_A, layer_id(3), pool.path(layer_id(3)))]
+    daemon.prepare_cut(cut3)
+    daemon.cut(cut3)
+    assert daemon.chain(VOL_A) == [layer_id(3), layer_id(1)]
+    write(export, BLOCK, b"\x22" * BLOCK)
+    assert wait_for(lambda: own_blocks(pool.path(layer_id(3))) == {1})
+    assert own_blocks(pool.path(layer_id(1))) == {0}
+    assert read(export, 0, 2 * BLOCK) == b"\x11" * BLOCK + b"\x22" * BLOCK
+    assert volume_nodes(daemon, VOL_A) == chain_nodes | {node_name(VOL_A, layer_id(3))}
