@@ -14,6 +14,11 @@ extras=""
 # libvirt headers build libvirt-python.
 apt_packages=(qemu-utils qemu-system-common fuse3 e2fsprogs xfsprogs util-linux
               python3-venv python3-dev libvirt-dev pkg-config gcc)
+# Where the kernel has nbd, volumes are served over NBD (nbd-client attaches
+# the device) instead of FUSE + loop.
+if [[ -d /sys/module/nbd ]] || modinfo nbd >/dev/null 2>&1; then
+  apt_packages+=(nbd-client)
+fi
 # What the tests add: a libvirtd and a TCG guest (kernel, busybox, qemu-ga).
 if [[ -n "$extras" ]]; then
   apt_packages+=(qemu-system-x86 qemu-guest-agent busybox-static linux-image-amd64 cpio
