@@ -65,7 +65,8 @@ WORKERS = 16
 GRACE_SECONDS = 10.0
 # Request fields that identify what an RPC works on.  None of them is ever a
 # secret; request bodies as a whole are never logged (secrets, mount flags).
-LOGGED_FIELDS: tuple[str, ...] = ("volume_id", "snapshot_id", "source_volume_id", "name")
+LOGGED_FIELDS: tuple[str, ...] = ("volume_id", "snapshot_id", "source_volume_id",
+                                  "group_snapshot_id", "domain", "name")
 # Under --run-dir: the guests being frozen, for a restarted driver to thaw.
 FREEZE_STATE_FILE = "frozen-guests.json"
 

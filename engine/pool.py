@@ -893,6 +893,12 @@ class Pool:
     def _require_closed(self, volume: Volume) -> None:
         """:raises InUse: the catalog names an owner, or a process has the
         volume's top open (QEMU's image locks)."""
+        if volume.owner is Owner.DOMAIN and not self._top_open(volume, top_held=True):
+            # The domain let go of it (stopped, or detached the disk).
+            with self.catalog.transaction() as tx:
+                tx.set_owner(volume.id, Owner.CLOSED)
+            log.info("volume %s: no process has its top open any more: closed", volume.id)
+            volume = replace(volume, owner=Owner.CLOSED)
         if volume.owner is not Owner.CLOSED:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}); "
                         "release it before this operation")

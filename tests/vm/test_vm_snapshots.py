@@ -284,6 +284,42 @@ def test_a_paused_domain_is_cut_online_without_a_freeze(
     vm_ops.delete(snap.id)
 
 
+def test_a_hung_agent_is_thawed_at_the_deadline_and_the_snapshot_fails(
+        bench: Bench, vms: tuple[Pool, Hypervisor, VirtualMachines]) -> None:
+    pool, hv, vm_ops = vms
+    snapshots_before = {s.id for s in pool.list_snapshots().items}
+    tops_before = catalog_tops(pool, bench.volumes)
+    real = hv.fs_freeze
+
+    def freeze_a_hung_agent(dom: Any) -> int:
+        # The agent answered the ping; now it hangs (SIGSTOP) before the
+        # freeze reaches it, and comes back 6 s later.  libvirt waits for
+        # it, the watchdog's thaw waits behind that call, and the freeze
+        # the agent finally runs must still be undone.
+        bench.vm.spawn("sleep 0.2; p=$(pidof qemu-ga); kill -STOP $p; sleep 6; kill -CONT $p")
+        time.sleep(0.8)
+        return real(dom)
+
+    hv.fs_freeze = freeze_a_hung_agent  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(FreezeDeadlineExceeded, match="deadline of 2s"):
+            vm_ops.snapshot(bench.name, "hung", parameters={"qsnap.csi.dev/freeze-deadline": "2s"})
+    finally:
+        hv.fs_freeze = real  # type: ignore[method-assign]
+    took = time.monotonic() - t0
+    bench.vm.wait_agent(True, 30)
+    assert bench.vm.fsfreeze_status() == "thawed"
+    failed = vm_ops.list(bench.name)[-1]
+    assert failed.name == "hung" and failed.status == FAILED and "deadline" in failed.error
+    # The deadline passed before any switch: nothing was cut or left.
+    assert {s.id for s in pool.list_snapshots().items} == snapshots_before
+    assert catalog_tops(pool, bench.volumes) == tops_before == domain_tops(hv, bench.vm.uuid)
+    no_orphans(pool)
+    assert not bench.state_file.exists()
+    print(f"\nhung agent: deadline 2s, failed and thawed after {took:.1f}s")
+
+
 KILLED_DRIVER = """
 import os, sys
 sys.path.insert(0, sys.argv[1] + "/tests/vm")
