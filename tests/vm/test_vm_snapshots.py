@@ -379,6 +379,22 @@ def test_restore_and_clone_boot_on_the_data_of_the_snapshot(
                   bench.root / "console.log", 0.0)
     again.wait_agent(True, 120)
     assert again.sh("cat /mnt/data1/marker /mnt/data2/marker") == "before\nbefore\n"
+    # A disk hot-plugged into the running, now persistent domain is not in
+    # its persistent definition: a restore could not attach it, so the
+    # snapshot leaves it out, and only once the user accepts that.
+    import libvirt
+    hot = pool.create_volume("hot", required_bytes=16 << 20)
+    dom.attachDeviceFlags(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{pool.layout.layer_path(hot.top_layer)}'/>"
+        f"<target dev='vdc' bus='virtio'/></disk>", libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    with pytest.raises(FailedPrecondition, match="vdc .*hot-plugged"):
+        vm_ops.snapshot(bench.name, "hotplug")
+    accepted = vm_ops.snapshot(bench.name, "hotplug", accept_warnings=True)
+    assert accepted.status == READY and [d.target for d in accepted.disks] == ["vda", "vdb"]
+    assert [(d.target, d.reason) for d in accepted.excluded] == [
+        ("vdc", "hot-plugged: absent from the persistent definition")]
+    assert accepted.warnings and "vdc" in accepted.warnings[0]
     # Restoring the stopped, now persistent VM again reports the volumes it
     # stops using; they are kept.
     hv.destroy(dom)
