@@ -38,7 +38,8 @@ from csidriver.pb import csi_pb2, csi_pb2_grpc, qsnap_pb2, qsnap_pb2_grpc
 from csidriver.units import parse_size
 from csidriver.vms import VirtualMachinesService
 from engine.domains import DomainOwner
-from engine.errors import EngineError, InvalidArgument
+from engine.devices import detect_transports
+from engine.errors import EngineError, FailedPrecondition, InvalidArgument
 from engine.freeze import Freezer
 from engine.guests import GuestQuiescer
 from engine.layout import default_root
@@ -88,6 +89,7 @@ class Options:
     run_dir: Path = DEFAULT_RUN_DIR
     max_volumes: int = 0
     libvirt_uri: str = DEFAULT_URI     # "" : no libvirt (no guest freeze, no domain owner)
+    transport: str = "auto"            # how the node exposes volumes: auto, nbd or fuse
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="libvirt to ask which guests use a volume (frozen around cuts through "
                         "their agents) and to switch disks domains opened directly; 'none' "
                         "turns it off (default: %(default)s)")
+    p.add_argument("--transport", default="auto", choices=["auto", "nbd", "fuse"],
+                   help="how the node exposes a served volume as a block device: nbd "
+                        "(kernel nbd + nbd-client), fuse (FUSE export + loop device), or auto: "
+                        "nbd where the kernel has it, else fuse (default: %(default)s)")
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error"])
     return p
@@ -190,7 +196,8 @@ def parse_args(argv: list[str] | None) -> Options:
                    log_level=args.log_level, metrics_address=args.metrics_address,
                    metrics_port=args.metrics_port, run_dir=args.run_dir,
                    max_volumes=args.max_volumes,
-                   libvirt_uri="" if args.libvirt_uri.lower() in ("", "none") else args.libvirt_uri)
+                   libvirt_uri="" if args.libvirt_uri.lower() in ("", "none") else args.libvirt_uri,
+                   transport=args.transport)
 
 
 # -- logging interceptor -----------------------------------------------------
@@ -372,7 +379,7 @@ class DriverServer:
         # Attached to the pool now (cuts of served volumes go through it),
         # started once the endpoint is ours: a driver that cannot listen
         # must not have started a qemu-storage-daemon.
-        self.node = Node(self.pool, o.run_dir)
+        self.node = Node(self.pool, o.run_dir, transports=_transports(o.transport))
         if o.libvirt_uri:
             self._attach_libvirt(o.libvirt_uri, o.run_dir / FREEZE_STATE_FILE)
             assert self.hypervisor is not None
@@ -477,6 +484,19 @@ class DriverServer:
         except FileNotFoundError:
             pass
         self._socket_inode = None
+
+
+def _transports(choice: str) -> list[str] | None:
+    """The transports the node may use for ``--transport``.
+
+    :raises FailedPrecondition: nbd was asked for and the kernel has none.
+    """
+    if choice == "auto":
+        return None
+    if choice == "nbd" and "nbd" not in detect_transports():
+        raise FailedPrecondition("--transport nbd: this kernel has no nbd devices "
+                                 "(modprobe nbd, or use --transport auto)")
+    return [choice]
 
 
 def main(argv: list[str] | None = None) -> int:

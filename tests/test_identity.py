@@ -181,6 +181,7 @@ def test_refuses_pool_in_use(driver: Driver, tmp_path: Path) -> None:
     (["--drivername", "bad/name"], "is not a CSI driver name"),
     (["--drivername", "x" * 64], "is not a CSI driver name"),
     (["--nodeid", ""], "--nodeid must not be empty"),
+    (["--transport", "vduse"], "invalid choice"),
 ])
 def test_bad_flags_exit_2(tmp_path: Path, flags: list[str], message: str) -> None:
     done = _run_server("--pool", str(tmp_path / "pool"), *flags)
@@ -228,6 +229,17 @@ def test_parse_args_defaults_and_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert o.config.depth_cap == 8
     monkeypatch.setenv("CSI_ENDPOINT", "unix:///tmp/from-env.sock")
     assert parse_args([]).endpoint == "unix:///tmp/from-env.sock"
+    assert o.transport == "auto" and o.libvirt_uri == "qemu:///system"
+    assert parse_args(["--transport", "fuse", "--libvirt-uri", "none"]).transport == "fuse"
+    assert parse_args(["--libvirt-uri", "none"]).libvirt_uri == ""
+
+
+@pytest.mark.skipif(Path("/sys/module/nbd").exists(), reason="this kernel has nbd")
+def test_transport_nbd_without_nbd_in_the_kernel_refuses_to_start(tmp_path: Path) -> None:
+    done = _run_server("--pool", str(tmp_path / "pool"), "--transport", "nbd",
+                       "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 1
+    assert "--transport nbd: this kernel has no nbd devices" in done.stderr
 
 
 def test_cached_check_caches_success_only() -> None:
