@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from engine.errors import EngineError, InUse
 from engine.layout import Layout
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 # Prepared lookups kept at most (a cut abandoned between prepare and switch
 # leaves its entry behind).
 _PREPARED_MAX = 64
+# How often "libvirt is unreachable" is logged when cuts keep coming.
+_UNREACHABLE_LOG_EVERY_S = 300.0
 
 
 def _key(cuts: list[tuple[Volume, str]]) -> tuple[tuple[str, str], ...]:
@@ -58,6 +61,7 @@ class DomainOwner:
         self._prepared: dict[tuple[tuple[str, str], ...],
                              dict[str, tuple[DomainUse, str]]] = {}
         self._prepared_lock = threading.Lock()
+        self._unreachable_logged = -_UNREACHABLE_LOG_EVERY_S
 
     def claims(self, volume: Volume) -> bool:
         """Whether a stopped domain's persistent definition names the
@@ -68,8 +72,12 @@ class DomainOwner:
         try:
             return bool(self._defined_users([volume]))
         except HypervisorUnavailable as e:
-            log.warning("volume %s: libvirt cannot be reached to check stopped domains' "
-                        "definitions: %s", volume.id, e)
+            now = time.monotonic()
+            if now - self._unreachable_logged >= _UNREACHABLE_LOG_EVERY_S:
+                self._unreachable_logged = now
+                log.warning("volume %s: libvirt cannot be reached to check stopped domains' "
+                            "definitions (logged every %.0f s): %s", volume.id,
+                            _UNREACHABLE_LOG_EVERY_S, e)
             return False
 
     def _defined_users(self, volumes: list[Volume]) -> dict[str, list[tuple[DomainUse, str]]]:

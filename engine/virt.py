@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from engine.errors import EngineError, NotFound
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "qemu:///system"
+# After a failed connection, how long libvirt counts as unreachable without
+# trying again.
+RECONNECT_AFTER_S = 2.0
 
 
 # -- errors ---------------------------------------------------------------
@@ -70,7 +74,15 @@ def _libvirt() -> Any:
     except ImportError as e:
         raise HypervisorUnavailable(
             "libvirt-python is not installed (pip install libvirt-python)") from e
+    # libvirt-python prints every error to stderr besides raising it; this
+    # adapter turns each into an exception with the message, so the print
+    # is noise (a driver without a running libvirtd would print one per cut).
+    libvirt.registerErrorHandler(_ignore_error, None)
     return libvirt
+
+
+def _ignore_error(_ctx: object, _err: object) -> None:
+    return None
 
 
 # -- domain XML -------------------------------------------------------------
@@ -178,6 +190,8 @@ class Hypervisor:
         self.uri = uri
         self._conn: Any = None
         self._conn_lock = threading.Lock()
+        self._retry_at = 0.0
+        self._last_failure = ""
 
     # -- connection --------------------------------------------------------
 
@@ -190,11 +204,19 @@ class Hypervisor:
         libvirt = _libvirt()
         with self._conn_lock:
             if self._conn is None or not self._conn.isAlive():
+                # A libvirt that is not there costs a few ms per attempt, and
+                # every cut asks: after a failure, answer from memory for a
+                # moment (a libvirtd that comes up is found within that).
+                if time.monotonic() < self._retry_at:
+                    raise HypervisorUnavailable(self._last_failure)
                 try:
                     self._conn = libvirt.open(self.uri)
                 except libvirt.libvirtError as e:
-                    raise HypervisorUnavailable(
-                        f"cannot connect to libvirt at {self.uri}: {e.get_error_message()}") from e
+                    self._conn = None
+                    self._last_failure = (f"cannot connect to libvirt at {self.uri}: "
+                                          f"{e.get_error_message()}")
+                    self._retry_at = time.monotonic() + RECONNECT_AFTER_S
+                    raise HypervisorUnavailable(self._last_failure) from e
             return self._conn
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from engine.model import Owner  # noqa: E402
 from engine.pool import Pool  # noqa: E402
 from engine.virt import Hypervisor  # noqa: E402
 from engine.vm import VirtualMachines  # noqa: E402
-from guest_lib import CACHE, URI, domain_xml  # noqa: E402
+from guest_lib import CACHE, URI, domain_xml, fill_ext4  # noqa: E402
 
 DISK_MIB = 64
 
@@ -47,14 +47,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def ext4_volume(pool: Pool, name: str) -> Path:
     volume = pool.create_volume(name, required_bytes=DISK_MIB << 20)
-    raw = pool.layout.root / f"{name}.raw"
-    with open(raw, "wb") as f:
-        f.truncate(DISK_MIB << 20)
     top = pool.layout.layer_path(volume.top_layer)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
-    subprocess.run(["qemu-img", "convert", "-n", "-q", "-f", "raw", "-O", "qcow2", str(raw),
-                    str(top)], check=True)
-    raw.unlink()
+    fill_ext4(top, pool.layout.root, DISK_MIB)
     return top
 
 

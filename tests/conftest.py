@@ -386,6 +386,21 @@ def unpublish(d: Driver, volume_id: str, target: Path) -> None:
         volume_id=volume_id, target_path=str(target)))
 
 
+def run(driver: Driver, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``qsnap --endpoint <driver> ARGV``: (exit status, stdout, stderr)."""
+    from csidriver import cli
+    code = cli.main(["--endpoint", driver.endpoint, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(driver: Driver, capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    """``qsnap --endpoint <driver> --json ARGV``, which must succeed: its output."""
+    code, out, err = run(driver, capsys, "--json", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
 def code_of(call: Callable[..., Any], *args: Any) -> Any:
     """The gRPC status code ``call(*args)`` ends with (OK when it succeeds)."""
     import grpc

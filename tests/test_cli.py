@@ -4,28 +4,14 @@ GroupController.  Run in-process (``cli.main``) with the output captured."""
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from csidriver import cli
+from rootconf import run, run_json  # noqa: E402
 
 if TYPE_CHECKING:
     from conftest import Driver
-
-
-def run(driver: Driver, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``qsnap --endpoint <driver> ARGV``: (exit status, stdout, stderr)."""
-    code = cli.main(["--endpoint", driver.endpoint, *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(driver: Driver, capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
-    code, out, err = run(driver, capsys, "--json", *argv)
-    assert code == 0, err
-    return json.loads(out)
 
 
 def volume(driver: Driver, capsys: pytest.CaptureFixture[str], name: str) -> str:

@@ -13,14 +13,13 @@ tests/vm/test_vm_cli.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 
-from csidriver import cli
+from rootconf import run, run_json  # noqa: E402
 from csidriver.pb import csi_pb2, qsnap_pb2, qsnap_pb2_grpc
 
 if TYPE_CHECKING:
@@ -31,19 +30,6 @@ pytest.importorskip("libvirt")
 NO_SUCH = "m-" + "0" * 32
 UUID = "6a4c1f0e-7d2b-4c59-9a7e-0c1d2e3f4a5b"
 MAC = "52:54:00:aa:bb:01"
-
-
-def run(driver: Driver, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``qsnap --endpoint <driver> ARGV``: (exit status, stdout, stderr)."""
-    code = cli.main(["--endpoint", driver.endpoint, *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(driver: Driver, capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
-    code, out, err = run(driver, capsys, "--json", *argv)
-    assert code == 0, err
-    return json.loads(out)
 
 
 def fails(driver: Driver, capsys: pytest.CaptureFixture[str], code: str, *argv: str) -> str:

@@ -149,20 +149,49 @@ def domain_xml(name: str, kernel: Path, initrd: Path, disks: list[Path], console
 </domain>"""
 
 
+def _mkfs_raw(raw: Path, mib: int) -> None:
+    with open(raw, "wb") as f:
+        f.truncate(mib << 20)
+    done = _run(["mkfs.ext4", "-q", "-F", "-L", "qsnapdata", str(raw)], 120)
+    assert done.returncode == 0, f"mkfs.ext4 failed: {done.stderr}"
+
+
 def make_ext4_qcow2(path: Path, mib: int = DISK_MIB) -> None:
     """An ext4 data disk made on the host: mkfs.ext4 on a raw file, then
     converted to qcow2 (the guest has no mkfs)."""
     raw = path.with_suffix(".raw")
-    with open(raw, "wb") as f:
-        f.truncate(mib << 20)
-    for args in (["mkfs.ext4", "-q", "-F", "-L", "qsnapdata", str(raw)],
-                 ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)]):
-        done = _run(args, 120)
-        assert done.returncode == 0, f"{args[0]} failed: {done.stderr}"
+    _mkfs_raw(raw, mib)
+    done = _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+                120)
+    assert done.returncode == 0, f"qemu-img convert failed: {done.stderr}"
     raw.unlink()
     # QEMU runs as libvirt-qemu; libvirt's dynamic ownership relabels the
     # file, but a world-writable mode keeps it usable if that is turned off.
     path.chmod(0o666)
+
+
+def fill_ext4(top: Path | str, scratch: Path, mib: int = DISK_MIB) -> None:
+    """Write an empty ext4 filesystem into an existing qcow2 image (a
+    closed volume's top): made on a raw file in ``scratch``, copied in
+    with ``qemu-img convert -n``."""
+    raw = scratch / f"{Path(top).stem}.raw"
+    _mkfs_raw(raw, mib)
+    done = _run(["qemu-img", "convert", "-n", "-q", "-f", "raw", "-O", "qcow2", str(raw),
+                 str(top)], 120)
+    assert done.returncode == 0, f"qemu-img convert failed: {done.stderr}"
+    raw.unlink()
+
+
+def fresh_dir(name: str) -> Path:
+    """An empty directory ``CACHE/name`` that libvirt-qemu can traverse
+    (mode 0755), for pools and consoles of VM tests."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    CACHE.chmod(0o755)
+    path = CACHE / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    return path
 
 
 def _destroy_stale_guests(conn: Any) -> None:
@@ -258,10 +287,7 @@ def boot(host: Host, name: str, xml: str, workdir: Path, disk: Path, *,
 def guest(host: Host) -> Iterator[Guest]:
     """One guest for the whole session, on a plain qcow2 data disk."""
     import libvirt
-    workdir = CACHE / f"run-{os.getpid()}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(mode=0o755)
-    workdir.chmod(0o755)
+    workdir = fresh_dir(f"run-{os.getpid()}")
     disk = workdir / "data1.qcow2"
     make_ext4_qcow2(disk)
     console = workdir / "console.log"

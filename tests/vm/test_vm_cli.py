@@ -12,24 +12,22 @@ libvirt-qemu and must traverse to the tops).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guest_lib import (CACHE, URI, Guest, Host, boot, domain_xml,  # noqa: E402
+from guest_lib import (CACHE, URI, Guest, Host, boot, domain_xml, fill_ext4,  # noqa: E402
                        host)  # noqa: F401  (fixture by name)
 
-from csidriver import cli  # noqa: E402
+from rootconf import run, run_json  # noqa: E402
 from csidriver.pb import csi_pb2, qsnap_pb2  # noqa: E402
 
 if TYPE_CHECKING:
@@ -37,18 +35,6 @@ if TYPE_CHECKING:
 
 DISK_MIB = 64
 MAC = "52:54:00:51:4e:02"
-
-
-def run(driver: Driver, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(["--endpoint", driver.endpoint, *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(driver: Driver, capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
-    code, out, err = run(driver, capsys, "--json", *argv)
-    assert code == 0, err
-    return json.loads(out)
 
 
 def ext4_volume(driver: Driver, name: str, scratch: Path) -> tuple[str, str]:
@@ -61,14 +47,7 @@ def ext4_volume(driver: Driver, name: str, scratch: Path) -> tuple[str, str]:
             access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))])).volume.volume_id
     top = driver.inspect.DescribeVolume(
         qsnap_pb2.DescribeVolumeRequest(volume_id=volume_id)).chain[0].path
-    raw = scratch / f"{name}.raw"
-    with open(raw, "wb") as f:
-        f.truncate(DISK_MIB << 20)
-    for args in (["mkfs.ext4", "-q", "-F", str(raw)],
-                 ["qemu-img", "convert", "-n", "-q", "-f", "raw", "-O", "qcow2", str(raw), top]):
-        done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
-        assert done.returncode == 0, done.stderr
-    raw.unlink()
+    fill_ext4(top, scratch, DISK_MIB)
     return volume_id, top
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guest_lib import CACHE, URI, Guest, Host, boot, domain_xml  # noqa: E402
+from guest_lib import URI, Guest, Host, boot, domain_xml, fresh_dir  # noqa: E402
 from guest_lib import host  # noqa: E402,F401  (fixture by name)
 from test_vm_snapshots import _run, needs_recovery, read_file, to_raw  # noqa: E402
 
@@ -45,10 +45,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(host: Host) -> Iterator[Served]:
     import libvirt
-    root = CACHE / f"served-pool-{os.getpid()}"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(mode=0o755)
-    root.chmod(0o755)
+    root = fresh_dir(f"served-pool-{os.getpid()}")
     run_dir = Path(tempfile.mkdtemp(prefix="qsnap-vm-served-", dir="/tmp"))
     pool = Pool.open(root / "pool")
     hv = Hypervisor(URI)

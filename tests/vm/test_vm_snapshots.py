@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guest_lib import (CACHE, ROOT, URI, Guest, Host, boot, domain_xml,  # noqa: E402
-                       host)  # noqa: F401  (fixture by name)
+from guest_lib import (ROOT, URI, Guest, Host, boot, domain_xml, fill_ext4,  # noqa: E402
+                       fresh_dir, host)  # noqa: F401  (fixture by name)
 
 from engine.domains import DomainOwner  # noqa: E402
 from engine.errors import FailedPrecondition, InUse  # noqa: E402
@@ -84,25 +84,14 @@ def ext4_volume(pool: Pool, name: str) -> str:
     """A volume holding an empty ext4 filesystem (made on the host: the
     guest has no mkfs), written into its closed top."""
     volume = pool.create_volume(name, required_bytes=DISK_MIB << 20)
-    raw = pool.layout.root / f"{name}.raw"
-    with open(raw, "wb") as f:
-        f.truncate(DISK_MIB << 20)
-    for args in (["mkfs.ext4", "-q", "-F", str(raw)],
-                 ["qemu-img", "convert", "-n", "-q", "-f", "raw", "-O", "qcow2", str(raw),
-                  str(pool.layout.layer_path(volume.top_layer))]):
-        done = _run(args)
-        assert done.returncode == 0, done.stderr
-    raw.unlink()
+    fill_ext4(pool.layout.layer_path(volume.top_layer), pool.layout.root, DISK_MIB)
     return volume.id
 
 
 @pytest.fixture(scope="module")
 def bench(host: Host) -> Iterator[Bench]:
     import libvirt
-    root = CACHE / f"pool-{os.getpid()}"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(mode=0o755)
-    root.chmod(0o755)
+    root = fresh_dir(f"pool-{os.getpid()}")
     state_file = root.parent / f"frozen-{os.getpid()}.json"
     pool = Pool.open(root)
     try:
