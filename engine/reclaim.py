@@ -144,7 +144,10 @@ def _holders(pool: "Pool", layers: list[str]) -> list[str]:
     Only those need excluding: expansion is the one request that opens an
     existing layer file (the top).  Cuts, restores and clones only write new
     files, and a merge re-checks the references in its final transaction,
-    so it needs no lock against them: a cut never waits for a merge.
+    so it needs no lock against them.  One exception: a cut that finds its
+    top's QEMU image lock held takes this key to tell a merge's qemu-img
+    (which holds it) from a domain's QEMU, so every merge that opens a top
+    must hold it.
     """
     keys: list[str] = []
     with pool.catalog.reading() as tx:
@@ -207,7 +210,9 @@ def _collapse(pool: "Pool", parent_id: str, openers: dict[str, list[_Opener]]) -
     if route.via is not None and len(grandchildren) != 1:
         commit = False
     try:
-        with pool.locks.hold(_holders(pool, [child.id, parent_id]), wait=False):
+        # The grandchildren's headers are rewritten too: one may be a top.
+        with pool.locks.hold(_holders(pool, [child.id, parent_id,
+                                             *(g.id for g in grandchildren)]), wait=False):
             if commit:
                 _commit_down(pool, child, parent, grandchildren, via=route.via)
             else:
