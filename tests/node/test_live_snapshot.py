@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -186,4 +188,71 @@ def test_block_snapshot_and_clone_of_a_served_volume(driver: Driver, node_paths:
     unstage(driver, vol, staging)
     assert driver.inspect.DescribeVolume(
         qsnap_pb2.DescribeVolumeRequest(volume_id=vol)).owner == "closed"
+    assert_nothing_left(driver)
+
+
+def test_a_group_snapshot_of_served_volumes_is_one_instant(driver: Driver,
+                                                          node_paths: Path) -> None:
+    """Two served volumes written in lock step by one writer: a group
+    snapshot (one QMP transaction in the storage daemon) catches both at
+    the same record."""
+    from csidriver.pb import csi_pb2_grpc
+    size = 16 * MiB
+    cap = block_cap()
+    vols = [create_volume(driver, f"grp-{i}", size, cap) for i in range(2)]
+    devices = []
+    for i, vol in enumerate(vols):
+        staging, device = node_paths / f"gs-{i}", node_paths / f"gd-{i}"
+        stage(driver, vol, staging, cap)
+        publish(driver, vol, staging, device, cap)
+        devices.append(device)
+    fds = [os.open(d, os.O_RDWR) for d in devices]
+    stop = threading.Event()
+    counter = [0]
+
+    def writer() -> None:
+        # The same counter goes to both devices before the next one starts;
+        # a device never gets ahead of the other by more than one.
+        while not stop.is_set():
+            counter[0] += 1
+            record = counter[0].to_bytes(8, "little") * 512
+            for fd in fds:
+                os.pwrite(fd, record, 0)
+                os.fsync(fd)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        group = csi_pb2_grpc.GroupControllerStub(driver.channel).CreateVolumeGroupSnapshot(
+            csi_pb2.CreateVolumeGroupSnapshotRequest(name="grp", source_volume_ids=vols)
+        ).group_snapshot
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(30)
+        for fd in fds:
+            os.close(fd)
+    assert counter[0] > 5 and group.ready_to_use and len(group.snapshots) == 2
+    by_volume = {s.source_volume_id: s.snapshot_id for s in group.snapshots}
+    seen = []
+    for i, vol in enumerate(vols):
+        restored = create_volume(driver, f"grp-r{i}", size, cap, from_snapshot(by_volume[vol]))
+        staging, device = node_paths / f"rs-{i}", node_paths / f"rd-{i}"
+        stage(driver, restored, staging, cap)
+        publish(driver, restored, staging, device, cap)
+        fd = os.open(device, os.O_RDONLY)
+        try:
+            seen.append(int.from_bytes(os.pread(fd, 8, 0), "little"))
+        finally:
+            os.close(fd)
+        unpublish(driver, restored, device)
+        unstage(driver, restored, staging)
+    # The first device is written first: at one instant it holds the same
+    # record as the second, or the next one.
+    assert seen[0] - seen[1] in (0, 1), seen
+    assert 0 < seen[1] < counter[0]
+    for i, vol in enumerate(vols):
+        unpublish(driver, vol, devices[i])
+        unstage(driver, vol, node_paths / f"gs-{i}")
     assert_nothing_left(driver)
