@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,16 +26,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engine import qcow2, validate
+from engine import cut, qcow2, validate
 from engine.catalog import Catalog, Intent, Tx
 from engine.errors import (AlreadyExists, Busy, CatalogCorrupt, InUse, InvalidArgument,
-                           NotFound, OutOfRange, PoolFull)
+                           NotFound, PoolFull)
+from engine.freeze import Policy, parse_deadline
 from engine.layout import Layout, PoolLock, new_id
 from engine.locks import KeyedLock
-from engine.freeze import GuestAgentUnavailable, Policy, parse_deadline
 from engine.model import (Capacity, ContentSource, GroupSnapshot, Layer, LayerInfo, Owner, Page,
-                          QuiesceSession, Quiescer, Snapshot, SnapshotSource, TopOwner, Volume,
-                          VolumeSource)
+                          Quiescer, Snapshot, SnapshotSource, TopOwner, Volume, VolumeSource)
 from engine.qemu_img import QemuImg, image_locks
 
 log = logging.getLogger(__name__)
@@ -46,10 +44,10 @@ CrashHook = Callable[[str], None]
 VOLUME_PARAMETERS: frozenset[str] = frozenset()
 # "true": freeze the staged filesystem (fsfreeze) around the cut of a served
 # volume, for filesystem-consistent snapshots of non-VM workloads.
-FSFREEZE = "qsnap.csi.dev/fsfreeze"
+FSFREEZE = cut.FSFREEZE
 # How a snapshot treats the guest agents of domains using its volumes:
 # "required", "preferred" (default) or "disabled" (engine/freeze.py).
-GUEST_AGENT = "qsnap.csi.dev/guest-agent"
+GUEST_AGENT = cut.GUEST_AGENT
 # How long guests may stay frozen before the snapshot fails: "30s", "5m", a
 # bare number of seconds, "0" for no deadline; 5m by default.
 FREEZE_DEADLINE = "qsnap.csi.dev/freeze-deadline"
@@ -545,7 +543,7 @@ class Pool:
                 return existing
             volume = self.get_volume(source_volume_id)
             self._check_room(0)
-            [snapshot] = self._cut([(name, volume)], params)
+            [snapshot] = cut.cut_volumes(self, [(name, volume)], params)
             return snapshot
 
     def create_group_snapshot(self, name: str, volume_ids: list[str], *,
@@ -588,8 +586,8 @@ class Pool:
             self._check_room(0)
             group = GroupSnapshot(id=new_id("g"), name=name, created_ns=0, snapshot_ids=(),
                                   parameters=params)
-            snapshots = self._cut([(f"{group.id}-{v.id}", v) for v in volumes], params,
-                                  group=group)
+            snapshots = cut.cut_volumes(self, [(f"{group.id}-{v.id}", v) for v in volumes],
+                                        params, group=group)
             with self.catalog.reading() as tx:
                 made = tx.group(group.id)
             assert made is not None and len(made.snapshot_ids) == len(snapshots)
@@ -637,173 +635,10 @@ class Pool:
         """
         params = dict(parameters or {})
         validate.check_parameters("snapshot", params, SNAPSHOT_PARAMETERS)
-        _flag(params, FSFREEZE)
+        validate.flag(params, FSFREEZE)
         Policy.parse(params.get(GUEST_AGENT))
         parse_deadline(params.get(FREEZE_DEADLINE))
         return params
-
-    def _cut(self, items: list[tuple[str, Volume]], params: dict[str, str], *,
-             group: GroupSnapshot | None = None) -> list[Snapshot]:
-        """Cut every volume in ``items`` (name, volume) at one instant; the
-        caller holds their locks.  Files first, then one quiesce around the
-        owners' switches only, then one catalog commit.  A failure before
-        any switch removes every new file; one after some owner switched
-        commits those volumes' new tops without snapshots (their cut layers
-        are merged away later) and removes the rest: nothing half-made
-        stays, and no volume's catalog top disagrees with its owner."""
-        started = time.monotonic()
-        fsfreeze = _flag(params, FSFREEZE)
-        handlers = [self._handler(volume) for _, volume in items]
-        now = _now_ns()
-        group_id = group.id if group else ""
-        snapshots = [Snapshot(id=new_id("s"), name=name, source_volume_id=volume.id,
-                              size_bytes=volume.size_bytes, created_ns=now,
-                              layer=volume.top_layer, parameters=params, group_id=group_id)
-                     for name, volume in items]
-        new_tops = [new_id("l") for _ in items]
-        body: dict[str, Any] = {"snapshots": [_snapshot_body(s) for s in snapshots],
-                                "new_tops": new_tops, "switched": []}
-        if group is not None:
-            body["group"] = {"id": group.id, "name": group.name, "created_ns": now,
-                             "parameters": params, "indications": []}
-        intent = self._begin("snapshot", body, new=tuple(new_tops),
-                             pins=tuple(v.top_layer for _, v in items))
-        switched: list[str] = []
-        prepared: list[tuple[TopOwner, list[tuple[Volume, str]]]] = []
-        try:
-            for (_, volume), new_top in zip(items, new_tops):
-                self._make_layer(new_top, volume.size_bytes, volume.top_layer)
-            self._crash_point("snapshot:after-file")
-            by_owner: dict[int, tuple[TopOwner, list[tuple[Volume, str]]]] = {}
-            for (_, volume), new_top, handler in zip(items, new_tops, handlers):
-                if handler is not None:
-                    by_owner.setdefault(id(handler), (handler, []))[1].append((volume, new_top))
-            for handler, cuts in by_owner.values():
-                handler.prepare(cuts)
-                prepared.append((handler, cuts))
-            owner_marks: dict[str, tuple[str, ...]] = {}
-            with self._quiesced([v for _, v in items], params) as session:
-                session.check()
-                for handler, cuts in by_owner.values():
-                    marks = handler.switch(cuts, freeze=fsfreeze)
-                    for volume, _ in cuts:
-                        owner_marks[volume.id] = marks
-                        switched.append(volume.id)
-            window = session.frozen_window_s()
-        except BaseException as exc:
-            # An owner that failed part-way says which volumes it switched.
-            switched.extend(getattr(exc, "switched", ()))
-            for handler, cuts in prepared:
-                unswitched = [(v, layer) for v, layer in cuts if v.id not in switched]
-                if unswitched:
-                    handler.abandon(unswitched)
-            self._abandon_cut(intent, body, switched)
-            raise
-        for i, snapshot in enumerate(snapshots):
-            marks = list(owner_marks.get(snapshot.source_volume_id, ()))
-            marks += session.indications_for(snapshot.source_volume_id)
-            snapshots[i] = replace(snapshot, indications=_order_indications(
-                marks, online="Online" in marks))
-        body["snapshots"] = [_snapshot_body(s) for s in snapshots]
-        if group is not None:
-            body["group"]["indications"] = list(_order_indications(
-                [i for s in snapshots for i in s.indications], online=False))
-        with self.catalog.transaction() as tx:
-            deeper = self._apply_snapshot(tx, intent, body)
-        self._observe("cut", time.monotonic() - started)
-        if window is not None:
-            self._observe("frozen", window)
-        for snapshot in snapshots:
-            log.info("snapshot %s: cut %s of volume %s at layer %s (%s)%s", snapshot.id,
-                     snapshot.name, snapshot.source_volume_id, snapshot.layer,
-                     ", ".join(snapshot.indications),
-                     f" in group {group.id}" if group else "")
-        self._crash_point("snapshot:after-commit")
-        if deeper:
-            self._notify()
-        return snapshots
-
-    @contextmanager
-    def _quiesced(self, volumes: list[Volume], params: dict[str, str]) -> Iterator[QuiesceSession]:
-        """The attached quiescer's session for these volumes, or a session
-        that quiets nothing."""
-        if self._quiescer is None:
-            if Policy.parse(params.get(GUEST_AGENT)) is Policy.REQUIRED:
-                raise GuestAgentUnavailable(
-                    "policy required, but this driver does not talk to libvirt (--libvirt-uri "
-                    "none), so no guest can be frozen")
-            yield _NO_QUIESCE
-            return
-        paths = {v.id: self._access_paths(v) for v in volumes}
-        with self._quiescer.quiesce(paths, params) as session:
-            yield session
-
-    def _access_paths(self, volume: Volume) -> list[Path | str]:
-        """Every file or device through which a process may use the volume:
-        its top layer file, the device the node serves, and block
-        publications (device nodes bind-mounted elsewhere)."""
-        paths: list[Path | str] = [self.layout.layer_path(volume.top_layer)]
-        with self.catalog.reading() as tx:
-            staging = tx.staging(volume.id)
-            publications = tx.publications(volume.id) if staging else []
-        if staging is not None:
-            if staging.device:
-                paths.append(staging.device)
-            if staging.access == "block":
-                paths.append(staging.staging_path)
-                paths.extend(p.target_path for p in publications)
-        return paths
-
-    def _abandon_cut(self, intent: int, body: dict[str, Any], switched: list[str]) -> None:
-        """Undo a cut that failed: volumes an owner already switched keep
-        their new top (recorded without a snapshot), every other new file is
-        removed, and the intent goes."""
-        keep = {}
-        for snap, new_top in zip(body["snapshots"], body["new_tops"]):
-            if snap["source"] in switched:
-                keep[new_top] = snap
-        for new_top in body["new_tops"]:
-            if new_top not in keep:
-                self.layout.unlink(new_top)
-        with self.catalog.transaction() as tx:
-            for new_top, snap in keep.items():
-                cut = tx.need_layer(snap["layer"])
-                tx.set_read_only(cut.id)
-                tx.add_layer(Layer(new_top, cut.id, cut.depth + 1, snap["size"], False),
-                             snap["created_ns"])
-                tx.set_top(snap["source"], new_top)
-                log.warning("snapshot %s: volume %s was switched to layer %s before the cut "
-                            "failed; no snapshot is recorded, the cut layer is merged away later",
-                            snap["id"], snap["source"], new_top)
-            tx.drop_intent(intent)
-        if keep:
-            self._notify()
-
-    def _apply_snapshot(self, tx: Tx, intent: int, body: dict[str, Any]) -> bool:
-        if "snapshot" in body:      # an intent written before group snapshots
-            body = {"snapshots": [body["snapshot"]], "new_tops": [body["new_top"]]}
-        deeper = False
-        group = body.get("group")
-        if group is not None:
-            tx.add_group(GroupSnapshot(id=group["id"], name=group["name"],
-                                       created_ns=group["created_ns"], snapshot_ids=(),
-                                       parameters=group["parameters"],
-                                       indications=tuple(group["indications"])))
-        for snap, new_top in zip(body["snapshots"], body["new_tops"]):
-            snapshot = _snapshot_from_body(snap)
-            volume = tx.volume(snapshot.source_volume_id)
-            cut = tx.need_layer(snapshot.layer)
-            if volume is None or volume.top_layer != cut.id:
-                raise CatalogCorrupt(f"snapshot intent {intent}: volume {snapshot.source_volume_id} "
-                                     f"moved away from layer {cut.id} during the cut")
-            tx.set_read_only(cut.id)
-            tx.add_layer(Layer(new_top, cut.id, cut.depth + 1, snapshot.size_bytes, False),
-                         snapshot.created_ns)
-            tx.set_top(volume.id, new_top)
-            tx.add_snapshot(snapshot)
-            deeper = deeper or cut.depth + 1 > self.config.depth_cap
-        tx.drop_intent(intent)
-        return deeper
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot.  Its layer stays while volumes depend on it.
@@ -977,18 +812,18 @@ class Pool:
             body = {"snapshots": [body["snapshot"]], "new_tops": [body["new_top"]]}
         if intent.kind in files:
             made = files[intent.kind](body)
-            unswitched = self._unswitched(body) if intent.kind == "snapshot" else []
+            unswitched = cut.unswitched(self, body) if intent.kind == "snapshot" else []
             if unswitched and all(self.layout.layer_path(layer).exists() for layer in made):
                 # An owner still writes the old top: the crash came before its
                 # switch.  Nothing may claim the new files for those volumes.
                 switched = [s["source"] for s in body["snapshots"]
                             if s["source"] not in unswitched]
-                self._abandon_cut(intent.id, body, switched)
+                cut.abandon(self, intent.id, body, switched)
                 log.info("recovery: undid snapshot intent %d: volumes %s were never switched",
                          intent.id, ", ".join(unswitched))
             elif all(self.layout.layer_path(layer).exists() for layer in made):
                 apply = {"create": self._apply_create, "clone": self._apply_clone,
-                         "snapshot": self._apply_snapshot}[intent.kind]
+                         "snapshot": lambda tx, i, b: cut.apply(self, tx, i, b)}[intent.kind]
                 with self.catalog.transaction() as tx:
                     apply(tx, intent.id, body)
                 log.info("recovery: finished %s intent %d (%s)", intent.kind, intent.id,
@@ -1012,14 +847,6 @@ class Pool:
             from engine.reclaim import recover_merge
             recover_merge(self, intent)
 
-    def _unswitched(self, body: dict[str, Any]) -> list[str]:
-        """Volumes of a snapshot intent whose old top a process still holds
-        open for writing: their owner never switched to the new top.  (When
-        nobody holds either file the new top is kept: it may hold writes
-        made after a switch, and over an unswitched volume it is empty.)"""
-        return [s["source"] for s in body["snapshots"]
-                if image_locks(self.layout.layer_path(s["layer"])).writer]
-
     def _drop_intent(self, intent_id: int) -> None:
         with self.catalog.transaction() as tx:
             tx.drop_intent(intent_id)
@@ -1032,17 +859,6 @@ def _subject(intent: Intent) -> str:
     if "snapshot" in body:
         return f"snapshot {body['snapshot']['id']}"
     return ", ".join(f"{k}={v}" for k, v in body.items())
-
-
-def _flag(params: dict[str, str], key: str) -> bool:
-    """A boolean parameter: "true" or "false" (absent: false).
-
-    :raises InvalidArgument: any other value.
-    """
-    value = params.get(key, "false").strip().lower()
-    if value not in ("true", "false"):
-        raise InvalidArgument(f"parameter {key} must be \"true\" or \"false\", not {value!r}")
-    return value == "true"
 
 
 # -- idempotency -------------------------------------------------------------
@@ -1110,50 +926,3 @@ def _volume_from_body(b: dict[str, Any]) -> Volume:
     return Volume(id=b["id"], name=b["name"], size_bytes=b["size"], created_ns=b["created_ns"],
                   top_layer=b["top"], source=source, parameters=b["parameters"],
                   capabilities=b["capabilities"])
-
-
-def _snapshot_body(s: Snapshot) -> dict[str, Any]:
-    return {"id": s.id, "name": s.name, "source": s.source_volume_id, "size": s.size_bytes,
-            "created_ns": s.created_ns, "layer": s.layer, "parameters": s.parameters,
-            "indications": list(s.indications), "group_id": s.group_id}
-
-
-def _snapshot_from_body(b: dict[str, Any]) -> Snapshot:
-    return Snapshot(id=b["id"], name=b["name"], source_volume_id=b["source"], size_bytes=b["size"],
-                    created_ns=b["created_ns"], layer=b["layer"], parameters=b["parameters"],
-                    indications=tuple(b.get("indications", ())), group_id=b.get("group_id", ""))
-
-
-class _NoQuiesce:
-    """The session when no quiescer is attached: nothing is quiet, nothing
-    can overrun."""
-
-    def check(self) -> None:
-        pass
-
-    def indications_for(self, volume_id: str) -> tuple[str, ...]:
-        return ()
-
-    def frozen_window_s(self) -> float | None:
-        return None
-
-
-_NO_QUIESCE = _NoQuiesce()
-
-# The order indications are shown in: how the cut was taken first, then
-# what the guests did, then host-side detail.
-_INDICATION_ORDER = ("Online", "Offline", "GuestAgent", "NoGuestAgent", "QuiesceFailed",
-                     "QuiesceTimeout", "QuiesceDisabled", "Paused", "FilesystemFrozen")
-
-
-def _order_indications(marks: list[str] | tuple[str, ...], *, online: bool) -> tuple[str, ...]:
-    """``marks`` without duplicates in a stable order, with ``Online`` or
-    ``Offline`` (never both)."""
-    seen = set(marks)
-    if online or "Online" in seen:
-        seen.add("Online")
-        seen.discard("Offline")
-    elif not seen:
-        seen.add("Offline")
-    rank = {name: i for i, name in enumerate(_INDICATION_ORDER)}
-    return tuple(sorted(seen, key=lambda m: (rank.get(m, len(rank)), m)))

@@ -105,3 +105,14 @@ def check_parameters(kind: str, parameters: dict[str, str], known: frozenset[str
         if key not in known:
             allowed = ", ".join(sorted(known)) or "none"
             raise InvalidArgument(f"unknown {kind} parameter {key!r} (qsnap accepts: {allowed})")
+
+
+def flag(params: dict[str, str], key: str) -> bool:
+    """A boolean parameter: "true" or "false" (absent: false).
+
+    :raises InvalidArgument: any other value.
+    """
+    value = params.get(key, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidArgument(f"parameter {key} must be \"true\" or \"false\", not {value!r}")
+    return value == "true"
