@@ -420,6 +420,13 @@ class VirtualMachines:
             for iface in root.iterfind("./devices/interface"):
                 for mac in iface.findall("mac"):
                     iface.remove(mac)
+            # Files a character device writes (a serial console log) belong
+            # to one VM: the clone writes its own, next to the original's.
+            for kind in ("serial", "console", "parallel", "channel"):
+                for dev in root.iterfind(f"./devices/{kind}"):
+                    source = dev.find("source")
+                    if dev.get("type") == "file" and source is not None and source.get("path"):
+                        source.set("path", _renamed(source.get("path", ""), new_name))
         return ET.tostring(root, encoding="unicode")
 
     # -- delete ----------------------------------------------------------
@@ -465,3 +472,9 @@ def _group_name(snap: VmSnapshot) -> str:
     """The name of a VM snapshot's group snapshot: known before the cut, so
     that a record left Progressing finds its group (or its absence)."""
     return f"vm-{snap.id}"
+
+
+def _renamed(path: str, new_name: str) -> str:
+    """``/dir/console.log`` → ``/dir/console-NEW_NAME.log``."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{new_name}{p.suffix}"))

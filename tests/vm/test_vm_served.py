@@ -110,3 +110,41 @@ def test_policy_disabled_leaves_the_guest_running_and_says_so(served: Served) ->
     snapshot = served.pool.create_snapshot(
         "served-s2", served.volume_id, parameters={"qsnap.csi.dev/guest-agent": "disabled"})
     assert snapshot.indications == ("Online", "QuiesceDisabled")
+
+
+def test_a_vm_on_a_served_disk_is_snapshotted_and_cloned_onto_a_served_disk(
+        served: Served) -> None:
+    import libvirt
+    from engine.vm import BLOCK_DEVICE, READY, VirtualMachines
+    vms = VirtualMachines(served.pool, served.hv, served.node)
+    served.vm.sh("echo vm-served > /mnt/data1/marker && sync /mnt/data1/marker")
+    snap = vms.snapshot(served.vm.name, "vm-served")
+    assert snap.status == READY and snap.indications == ("Online", "GuestAgent")
+    assert [(d.target, d.volume_id, d.attachment) for d in snap.disks] == [
+        ("vda", served.volume_id, BLOCK_DEVICE)]
+    served.vm.sh("echo later > /mnt/data1/marker && sync /mnt/data1/marker")
+
+    clone_name = f"qsnap-test-served-clone-{os.getpid()}"
+    result = vms.clone(snap.id, clone_name, start=True)
+    dom = served.hv.lookup(result.domain_uuid)
+    try:
+        # The clone logs its console to a file of its own (the original's is
+        # busy while it runs).
+        assert f"console-{clone_name}.log" in served.hv.xml(dom)
+        clone = Guest(clone_name, result.domain_uuid, dom, served.vm.workdir, served.vm.disk,
+                      served.vm.console, 0.0)
+        clone.wait_agent(True, 120)
+        assert clone.sh("cat /mnt/data1/marker") == "vm-served\n"
+        # Its disk is the device the node serves for the clone's new volume.
+        with served.pool.catalog.reading() as tx:
+            staging = tx.staging(result.volumes["vda"])
+        assert staging is not None and staging.access == "block"
+        assert f"dev='{staging.device}'" in served.hv.xml(dom)
+    finally:
+        try:
+            served.hv.destroy(dom)
+            dom.undefine()
+        except libvirt.libvirtError:
+            pass
+        served.node.unstage(result.volumes["vda"], vms._staging_path(result.volumes["vda"]))
+    vms.delete(snap.id)
