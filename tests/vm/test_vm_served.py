@@ -74,7 +74,12 @@ def served(host: Host) -> Iterator[Served]:
                 vm.dom.destroy()
             except libvirt.libvirtError:
                 pass
-        node.unstage(volume.id, staging_path)
+        # Every volume still served (a failed test may leave more than
+        # this one), so that no loop device, mount or daemon outlives it.
+        with pool.catalog.reading() as tx:
+            staged = tx.stagings()
+        for staging in staged:
+            node.unstage(staging.volume_id, Path(staging.staging_path))
         node.stop()
         node.shutdown()
         pool.close()
