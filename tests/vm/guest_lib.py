@@ -194,23 +194,30 @@ def fresh_dir(name: str) -> Path:
     return path
 
 
+def remove_domain(dom: Any) -> bool:
+    """Power a test domain off and undefine it if persistent; False if
+    libvirt refused (it is gone already, or libvirtd went away)."""
+    import libvirt
+    try:
+        if dom.isActive():
+            dom.destroy()       # a transient domain is gone with this
+        if dom.isPersistent():
+            dom.undefine()
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
 def _destroy_stale_guests(conn: Any) -> None:
     """Destroy (and undefine) test guests of test processes that died
     without cleaning up (a domain outlives both its creator and libvirtd),
     and their run directories.  Only names this module's users make
     (``qsnap-test...-PID``) are touched."""
-    import libvirt
     for dom in conn.listAllDomains(0):
         prefix, _, pid = dom.name().rpartition("-")
         if prefix.startswith("qsnap-test") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            try:
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
-            except libvirt.libvirtError:
-                continue
-            shutil.rmtree(CACHE / f"run-{pid}", ignore_errors=True)
+            if remove_domain(dom):
+                shutil.rmtree(CACHE / f"run-{pid}", ignore_errors=True)
 
 
 @dataclass
@@ -286,7 +293,6 @@ def boot(host: Host, name: str, xml: str, workdir: Path, disk: Path, *,
 @pytest.fixture(scope="session")
 def guest(host: Host) -> Iterator[Guest]:
     """One guest for the whole session, on a plain qcow2 data disk."""
-    import libvirt
     workdir = fresh_dir(f"run-{os.getpid()}")
     disk = workdir / "data1.qcow2"
     make_ext4_qcow2(disk)
@@ -300,10 +306,7 @@ def guest(host: Host) -> Iterator[Guest]:
         yield vm
     finally:
         if vm is not None:
-            try:
-                vm.dom.destroy()
-            except libvirt.libvirtError:
-                pass
+            remove_domain(vm.dom)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guest_lib import (CACHE, URI, Guest, Host, boot, domain_xml, fill_ext4,  # noqa: E402
-                       host)  # noqa: F401  (fixture by name)
+                       host, remove_domain)  # noqa: F401  (fixture by name)
 
 from rootconf import run, run_json  # noqa: E402
 from csidriver.pb import csi_pb2, qsnap_pb2  # noqa: E402
@@ -127,13 +127,9 @@ def test_qsnap_vm_snapshot_restore_and_clone_a_running_guest(
     finally:
         for dom_name in (name, clone_name):
             try:
-                dom = host.conn.lookupByName(dom_name)
-                if dom.isActive():
-                    dom.destroy()       # a transient domain is gone now
-                if dom.isPersistent():
-                    dom.undefine()
+                remove_domain(host.conn.lookupByName(dom_name))
             except libvirt.libvirtError:
-                pass
+                pass            # never defined, or gone already
         refused = {}
         for entry in driver.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries:
             try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guest_lib import URI, Guest, Host, boot, domain_xml, fresh_dir  # noqa: E402
+from guest_lib import URI, Guest, Host, boot, domain_xml, fresh_dir, remove_domain  # noqa: E402
 from guest_lib import host  # noqa: E402,F401  (fixture by name)
 from test_vm_snapshots import _run, needs_recovery, read_file, to_raw  # noqa: E402
 
@@ -44,7 +44,6 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(host: Host) -> Iterator[Served]:
-    import libvirt
     root = fresh_dir(f"served-pool-{os.getpid()}")
     run_dir = Path(tempfile.mkdtemp(prefix="qsnap-vm-served-", dir="/tmp"))
     pool = Pool.open(root / "pool")
@@ -70,10 +69,7 @@ def served(host: Host) -> Iterator[Served]:
         yield Served(pool, node, hv, volume.id, staging.device, vm)
     finally:
         if vm is not None:
-            try:
-                vm.dom.destroy()
-            except libvirt.libvirtError:
-                pass
+            remove_domain(vm.dom)
         # Every volume still served (a failed test may leave more than
         # this one), so that no loop device, mount or daemon outlives it.
         with pool.catalog.reading() as tx:
@@ -119,7 +115,6 @@ def test_policy_disabled_leaves_the_guest_running_and_says_so(served: Served) ->
 
 def test_a_vm_on_a_served_disk_is_snapshotted_and_cloned_onto_a_served_disk(
         served: Served) -> None:
-    import libvirt
     from engine.vm import BLOCK_DEVICE, READY, VirtualMachines
     vms = VirtualMachines(served.pool, served.hv, served.node)
     served.vm.sh("echo vm-served > /mnt/data1/marker && sync /mnt/data1/marker")
@@ -146,10 +141,6 @@ def test_a_vm_on_a_served_disk_is_snapshotted_and_cloned_onto_a_served_disk(
         assert staging is not None and staging.access == "block"
         assert f"dev='{staging.device}'" in served.hv.xml(dom)
     finally:
-        try:
-            served.hv.destroy(dom)
-            dom.undefine()
-        except libvirt.libvirtError:
-            pass
+        remove_domain(dom)
         served.node.unstage(result.volumes["vda"], vms._staging_path(result.volumes["vda"]))
     vms.delete(snap.id)

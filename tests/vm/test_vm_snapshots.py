@@ -30,7 +30,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guest_lib import (ROOT, URI, Guest, Host, boot, domain_xml, fill_ext4,  # noqa: E402
-                       fresh_dir, host)  # noqa: F401  (fixture by name)
+                       fresh_dir, host, remove_domain)  # noqa: F401  (fixture by name)
 
 from engine.domains import DomainOwner  # noqa: E402
 from engine.errors import FailedPrecondition, InUse  # noqa: E402
@@ -90,7 +90,6 @@ def ext4_volume(pool: Pool, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def bench(host: Host) -> Iterator[Bench]:
-    import libvirt
     root = fresh_dir(f"pool-{os.getpid()}")
     state_file = root.parent / f"frozen-{os.getpid()}.json"
     pool = Pool.open(root)
@@ -112,13 +111,7 @@ def bench(host: Host) -> Iterator[Bench]:
         for dom in host.conn.listAllDomains(0):
             if dom.name().startswith("qsnap-test-") and dom.name().endswith(f"-{os.getpid()}") \
                     and dom.name() != f"qsnap-test-{os.getpid()}":
-                try:
-                    if dom.isActive():
-                        dom.destroy()
-                    if dom.isPersistent():
-                        dom.undefine()
-                except libvirt.libvirtError:
-                    pass
+                remove_domain(dom)
         shutil.rmtree(root, ignore_errors=True)
         state_file.unlink(missing_ok=True)
 
