@@ -236,6 +236,7 @@ class SanityContext:
         self.identity = csi_pb2_grpc.IdentityStub(driver.channel)
         self.controller = csi_pb2_grpc.ControllerStub(driver.channel)
         self.node = csi_pb2_grpc.NodeStub(driver.channel)
+        self.group_controller = csi_pb2_grpc.GroupControllerStub(driver.channel)
 
 
 def controller_capabilities(controller: Any) -> list[int]:
