@@ -20,8 +20,7 @@ the request bodies are never logged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import grpc
 from google.protobuf import wrappers_pb2
 
 from csidriver.errors import RpcError, unimplemented
+from csidriver.calls import CallGate
 from csidriver.pb import csi_pb2, csi_pb2_grpc
 from engine import pool as engine_pool
 from engine import validate
@@ -184,26 +184,14 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     def __init__(self, pool: Pool, drivername: str, nodeid: str,
                  ops: KeyedLock | None = None) -> None:
         self.pool = pool
-        self.capabilities = frozenset(CAPABILITIES)
         # Small and stable: the same for every call on every volume of this
         # node, so a repeated CreateVolume returns an identical Volume.
         self.volume_context = {f"{drivername}/node": nodeid}
         self.nodeid = nodeid
         self.topology = csi_pb2.Topology(segments={TOPOLOGY_KEY: nodeid})
-        self._ops = ops if ops is not None else KeyedLock()
+        self.gate = CallGate(frozenset(CAPABILITIES), RPC.Type.Name, ops)
 
     # -- shared steps ----------------------------------------------------
-
-    def _check_capability(self, rpc: csi_pb2.ControllerServiceCapability.RPC.Type) -> None:
-        """:raises InvalidArgument: the RPC's capability is not advertised."""
-        if rpc not in self.capabilities:
-            raise InvalidArgument(f"capability {RPC.Type.Name(rpc)} is not supported")
-
-    @contextmanager
-    def _exclusive(self, *keys: str) -> Iterator[None]:
-        """:raises Busy: another call is operating on one of ``keys`` (ABORTED)."""
-        with self._ops.hold(keys, wait=False):
-            yield
 
     def _here(self, topology: csi_pb2.Topology) -> bool:
         """Whether a topology names this node (other keys are not ours to judge)."""
@@ -277,7 +265,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             in the source's pool, which is this node's, too).
         :raises Busy: a call on the same name or source is in progress (ABORTED).
         """
-        self._check_capability(RPC.CREATE_DELETE_VOLUME)
+        self.gate.check_capability(RPC.CREATE_DELETE_VOLUME)
         name = _require(request.name, "name")
         accesses = parse_capabilities(request.volume_capabilities)
         for access in accesses:
@@ -294,11 +282,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if request.HasField("volume_content_source"):
             kind = request.volume_content_source.WhichOneof("type")
             if kind == "snapshot":
-                self._check_capability(RPC.CREATE_DELETE_SNAPSHOT)
+                self.gate.check_capability(RPC.CREATE_DELETE_SNAPSHOT)
                 source = SnapshotSource(_require(request.volume_content_source.snapshot.snapshot_id,
                                                  "volume_content_source.snapshot.snapshot_id"))
             elif kind == "volume":
-                self._check_capability(RPC.CLONE_VOLUME)
+                self.gate.check_capability(RPC.CLONE_VOLUME)
                 source = VolumeSource(_require(request.volume_content_source.volume.volume_id,
                                                "volume_content_source.volume.volume_id"))
                 # A clone cuts its source, which changes the source volume.
@@ -307,7 +295,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument("volume_content_source names neither a snapshot nor a volume")
         required = request.capacity_range.required_bytes
         limit = request.capacity_range.limit_bytes
-        with self._exclusive(*keys):
+        with self.gate.exclusive(*keys):
             volume = self.pool.create_volume(name, required_bytes=required, limit_bytes=limit,
                                              source=source, parameters=dict(request.parameters),
                                              capabilities=canonical(accesses))
@@ -322,9 +310,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             a VM (FAILED_PRECONDITION).
         :raises Busy: a call on the same volume is in progress (ABORTED).
         """
-        self._check_capability(RPC.CREATE_DELETE_VOLUME)
+        self.gate.check_capability(RPC.CREATE_DELETE_VOLUME)
         volume_id = _require(request.volume_id, "volume_id")
-        with self._exclusive(f"volume:{volume_id}"):
+        with self.gate.exclusive(f"volume:{volume_id}"):
             try:
                 self.pool.delete_volume(volume_id)
             except NotFound:
@@ -379,7 +367,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         :raises InvalidArgument: a negative max_entries.
         :raises Busy: a starting_token this driver did not issue (ABORTED).
         """
-        self._check_capability(RPC.LIST_VOLUMES)
+        self.gate.check_capability(RPC.LIST_VOLUMES)
         page = self.pool.list_volumes(request.starting_token, request.max_entries)
         entries = []
         for volume in page.items:
@@ -399,7 +387,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
         :raises InvalidArgument: a malformed capability or an unknown parameter.
         """
-        self._check_capability(RPC.GET_CAPACITY)
+        self.gate.check_capability(RPC.GET_CAPACITY)
         accesses = [parse_capability(c) for c in request.volume_capabilities]
         validate.check_parameters("volume", dict(request.parameters),
                                   engine_pool.VOLUME_PARAMETERS)
@@ -438,7 +426,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             qemu-storage-daemon.
         :raises Busy: a call on the same volume is in progress (ABORTED).
         """
-        self._check_capability(RPC.EXPAND_VOLUME)
+        self.gate.check_capability(RPC.EXPAND_VOLUME)
         volume_id = _require(request.volume_id, "volume_id")
         if not request.HasField("capacity_range"):
             raise InvalidArgument("capacity_range is required")
@@ -447,7 +435,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             access = parse_capability(request.volume_capability)
             if reason := access.unsupported():
                 raise InvalidArgument(reason)
-        with self._exclusive(f"volume:{volume_id}"):
+        with self.gate.exclusive(f"volume:{volume_id}"):
             volume = self.pool.expand_volume(volume_id, request.capacity_range.required_bytes,
                                              request.capacity_range.limit_bytes)
         node = access.kind == "mount" if access else _needs_node_expansion(volume.capabilities)
@@ -462,7 +450,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         :raises InvalidArgument: no ID, or a path-like one.
         :raises NotFound: no such volume.
         """
-        self._check_capability(RPC.GET_VOLUME)
+        self.gate.check_capability(RPC.GET_VOLUME)
         volume = self.pool.get_volume(_require(request.volume_id, "volume_id"))
         status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
             volume_condition=self._condition(volume))
@@ -489,11 +477,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             staged volume is cut live through the node's qemu-storage-daemon.
         :raises Busy: a call on the same name or volume is in progress (ABORTED).
         """
-        self._check_capability(RPC.CREATE_DELETE_SNAPSHOT)
+        self.gate.check_capability(RPC.CREATE_DELETE_SNAPSHOT)
         name = _require(request.name, "name")
         volume_id = _require(request.source_volume_id, "source_volume_id")
         # The cut moves the volume onto a new top: it changes the volume.
-        with self._exclusive(f"snapshot-name:{name}", f"volume:{volume_id}"):
+        with self.gate.exclusive(f"snapshot-name:{name}", f"volume:{volume_id}"):
             snapshot = self.pool.create_snapshot(name, volume_id,
                                                  parameters=dict(request.parameters))
         return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_pb(snapshot))
@@ -505,9 +493,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         :raises InvalidArgument: no ID, or a path-like one.
         :raises Busy: a call on the same snapshot is in progress (ABORTED).
         """
-        self._check_capability(RPC.CREATE_DELETE_SNAPSHOT)
+        self.gate.check_capability(RPC.CREATE_DELETE_SNAPSHOT)
         snapshot_id = _require(request.snapshot_id, "snapshot_id")
-        with self._exclusive(f"snapshot:{snapshot_id}"):
+        with self.gate.exclusive(f"snapshot:{snapshot_id}"):
             try:
                 self.pool.delete_snapshot(snapshot_id)
             except NotFound:
@@ -523,7 +511,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         :raises InvalidArgument: a negative max_entries, a path-like ID.
         :raises Busy: a starting_token this driver did not issue (ABORTED).
         """
-        self._check_capability(RPC.LIST_SNAPSHOTS)
+        self.gate.check_capability(RPC.LIST_SNAPSHOTS)
         page = self.pool.list_snapshots(request.starting_token, request.max_entries,
                                         snapshot_id=request.snapshot_id,
                                         source_volume_id=request.source_volume_id)
@@ -537,6 +525,6 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     context: grpc.ServicerContext) -> csi_pb2.GetSnapshotResponse:
         """:raises InvalidArgument: no ID, or a path-like one.
         :raises NotFound: no such snapshot."""
-        self._check_capability(RPC.GET_SNAPSHOT)
+        self.gate.check_capability(RPC.GET_SNAPSHOT)
         snapshot = self.pool.get_snapshot(_require(request.snapshot_id, "snapshot_id"))
         return csi_pb2.GetSnapshotResponse(snapshot=snapshot_pb(snapshot))

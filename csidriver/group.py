@@ -22,12 +22,12 @@ Secrets fields are accepted and ignored, as in the Controller.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import grpc
 
 from csidriver.controller import fill_snapshot
+from csidriver.calls import CallGate
 from csidriver.pb import csi_pb2, csi_pb2_grpc
 from engine.errors import InvalidArgument, NotFound
 from engine.locks import KeyedLock
@@ -79,21 +79,9 @@ class GroupController(csi_pb2_grpc.GroupControllerServicer):
 
     def __init__(self, pool: Pool, ops: KeyedLock | None = None) -> None:
         self.pool = pool
-        self.capabilities = frozenset(CAPABILITIES)
-        self._ops = ops if ops is not None else KeyedLock()
+        self.gate = CallGate(frozenset(CAPABILITIES), RPC.Type.Name, ops)
 
     # -- shared steps ----------------------------------------------------
-
-    def _check_capability(self, rpc: csi_pb2.GroupControllerServiceCapability.RPC.Type) -> None:
-        """:raises InvalidArgument: the RPC's capability is not advertised."""
-        if rpc not in self.capabilities:
-            raise InvalidArgument(f"capability {RPC.Type.Name(rpc)} is not supported")
-
-    @contextmanager
-    def _exclusive(self, *keys: str) -> Iterator[None]:
-        """:raises Busy: another call is operating on one of ``keys`` (ABORTED)."""
-        with self._ops.hold(keys, wait=False):
-            yield
 
     def _members(self, group: GroupSnapshot) -> list[Snapshot]:
         """The group's snapshots as they are now.  A member deleted on its
@@ -146,7 +134,7 @@ class GroupController(csi_pb2_grpc.GroupControllerServicer):
         :raises Busy: a call on the same name or one of the volumes is in
             progress (ABORTED).
         """
-        self._check_capability(RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
+        self.gate.check_capability(RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
         name = _require(request.name, "name")
         volume_ids = list(request.source_volume_ids)
         if not volume_ids:
@@ -155,7 +143,7 @@ class GroupController(csi_pb2_grpc.GroupControllerServicer):
             raise InvalidArgument("source_volume_ids contains an empty ID")
         # The cut moves every volume onto a new top: it changes each of them.
         keys = [f"group-name:{name}"] + [f"volume:{v}" for v in volume_ids]
-        with self._exclusive(*keys):
+        with self.gate.exclusive(*keys):
             group = self.pool.create_group_snapshot(name, volume_ids,
                                                     parameters=dict(request.parameters))
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=self._group_pb(group))
@@ -171,10 +159,10 @@ class GroupController(csi_pb2_grpc.GroupControllerServicer):
             longer exist are tolerated: a retry after they went is done).
         :raises Busy: a call on the same group is in progress (ABORTED).
         """
-        self._check_capability(RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
+        self.gate.check_capability(RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
         group_id = _require(request.group_snapshot_id, "group_snapshot_id")
         given = list(request.snapshot_ids)
-        with self._exclusive(f"group:{group_id}"):
+        with self.gate.exclusive(f"group:{group_id}"):
             try:
                 group = self.pool.get_group_snapshot(group_id)
             except NotFound:
@@ -212,7 +200,7 @@ class GroupController(csi_pb2_grpc.GroupControllerServicer):
             that are not exactly the group's members.
         :raises NotFound: no such group snapshot.
         """
-        self._check_capability(RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
+        self.gate.check_capability(RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
         group_id = _require(request.group_snapshot_id, "group_snapshot_id")
         group = self.pool.get_group_snapshot(group_id)
         if request.snapshot_ids:
