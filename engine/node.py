@@ -161,6 +161,20 @@ class Node:
             self._thread.join()
             self._thread = None
 
+    def release_all(self) -> None:
+        """Unpublish and unstage every volume this node serves.  For tools
+        and tests that own the node for their run (a driver that stops
+        keeps serving its volumes instead).
+
+        :raises EngineError: a volume could not be taken down.
+        """
+        with self.pool.catalog.reading() as tx:
+            staged = tx.stagings()
+        for staging in staged:
+            for publication in self._publications(staging.volume_id):
+                self.unpublish(staging.volume_id, Path(publication.target_path))
+            self.unstage(staging.volume_id, Path(staging.staging_path))
+
     def shutdown(self) -> None:
         """Stop watching and stop the QSD (only when nothing is staged)."""
         self.stop()

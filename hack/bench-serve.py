@@ -157,10 +157,7 @@ def live_cuts(size: int, count: int, interval: float, *, idle: bool = False) -> 
     finally:
         stop.set()
         node.stop()
-        with pool.catalog.reading() as tx:
-            leftovers = tx.stagings()
-        for staging_row in leftovers:
-            node.unstage(staging_row.volume_id, Path(staging_row.staging_path))
+        node.release_all()
         node.shutdown()
         pool.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -214,10 +211,7 @@ def main() -> int:
             node.unstage(volume.id, work / f"stage{depth}")
     finally:
         node.stop()
-        with pool.catalog.reading() as tx:
-            leftovers = tx.stagings()
-        for staging in leftovers:
-            node.unstage(staging.volume_id, Path(staging.staging_path))
+        node.release_all()
         node.shutdown()
         pool.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -34,12 +34,7 @@ def node_pool(tmp_path: Path) -> Iterator[tuple[Pool, Node, Path]]:
         yield pool, node, tmp_path
     finally:
         node.stop()
-        with pool.catalog.reading() as tx:
-            staged = tx.stagings()
-        for staging in staged:
-            for publication in node._publications(staging.volume_id):
-                node.unpublish(staging.volume_id, Path(publication.target_path))
-            node.unstage(staging.volume_id, Path(staging.staging_path))
+        node.release_all()
         node.shutdown()
         pool.close()
         assert not [m for m in fuse_mounts() if str(m).startswith(str(run_dir))]

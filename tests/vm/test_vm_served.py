@@ -72,10 +72,7 @@ def served(host: Host) -> Iterator[Served]:
             remove_domain(vm.dom)
         # Every volume still served (a failed test may leave more than
         # this one), so that no loop device, mount or daemon outlives it.
-        with pool.catalog.reading() as tx:
-            staged = tx.stagings()
-        for staging in staged:
-            node.unstage(staging.volume_id, Path(staging.staging_path))
+        node.release_all()
         node.stop()
         node.shutdown()
         pool.close()
