@@ -661,39 +661,42 @@ class Pool:
     def _handler(self, volume: Volume, *, top_held: bool = False) -> TopOwner | None:
         """Who must change the volume's top: None when qsnap may itself.
 
-        The catalog says who owns a volume, and QEMU's image locks say
-        whether anyone really has its top open: a closed volume whose top a
-        domain opened directly becomes domain-owned (so that merges leave
-        its chain alone), and a domain-owned one whose top nobody holds any
-        more is closed again.
-
         :raises InUse: the volume is open by an owner this process has no
             way to reach.
         """
-        if volume.owner in (Owner.CLOSED, Owner.DOMAIN):
-            top = self.layout.layer_path(volume.top_layer)
-            writer = self._top_open(volume, top_held=top_held or volume.owner is Owner.DOMAIN)
-            owner = Owner.DOMAIN if writer else Owner.CLOSED
-            if writer and Owner.DOMAIN not in self._owners:
-                raise InUse(f"volume {volume.id}: its top layer {top} is open for writing by "
-                            "another process, and this driver has no connection to libvirt "
-                            "to switch it through")
-            if owner is not volume.owner:
-                with self.catalog.transaction() as tx:
-                    tx.set_owner(volume.id, owner)
-                log.info("volume %s: %s", volume.id, "a domain has its top open: domain-owned"
-                         if writer else "no process has its top open any more: closed")
-            domains = self._owners.get(Owner.DOMAIN)
-            if owner is Owner.CLOSED:
-                # A stopped domain whose definition names the top must be
-                # pointed at the new top, or it would start on the
-                # snapshot's layer.
-                return domains if domains is not None and domains.claims(volume) else None
-            return domains
+        volume = self._true_owner(volume, top_held=top_held)
+        domains = self._owners.get(Owner.DOMAIN)
+        if volume.owner is Owner.CLOSED:
+            # A stopped domain whose definition names the top must be
+            # pointed at the new top, or it would start on the snapshot's
+            # layer.
+            return domains if domains is not None and domains.claims(volume) else None
+        if volume.owner is Owner.DOMAIN and domains is None:
+            raise InUse(f"volume {volume.id}: its top layer is open for writing by another "
+                        "process, and this driver has no connection to libvirt to switch it "
+                        "through")
         if volume.owner not in self._owners:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}) and this driver "
                         "has no connection to its owner")
         return self._owners[volume.owner]
+
+    def _true_owner(self, volume: Volume, *, top_held: bool = False) -> Volume:
+        """The volume with the owner QEMU's image locks show.  The catalog's
+        owner is a record; the locks are the truth for closed and
+        domain-owned tops: a closed volume whose top a process holds for
+        writing (a domain that opened it directly) becomes domain-owned, so
+        that merges leave its chain alone, and a domain-owned one nobody
+        holds any more is closed again.  A change is recorded."""
+        if volume.owner not in (Owner.CLOSED, Owner.DOMAIN):
+            return volume
+        writer = self._top_open(volume, top_held=top_held or volume.owner is Owner.DOMAIN)
+        owner = Owner.DOMAIN if writer else Owner.CLOSED
+        if owner is not volume.owner:
+            with self.catalog.transaction() as tx:
+                tx.set_owner(volume.id, owner)
+            log.info("volume %s: %s", volume.id, "a process has its top open for writing: "
+                     "domain-owned" if writer else "no process has its top open any more: closed")
+        return replace(volume, owner=owner)
 
     def _switch(self, handler: TopOwner, intent: int, cuts: list[tuple[Volume, str]], *,
                 freeze: bool) -> tuple[str, ...]:
@@ -726,14 +729,13 @@ class Pool:
             return image_locks(top).writer
 
     def _require_closed(self, volume: Volume) -> None:
-        """:raises InUse: the catalog names an owner, or a process has the
-        volume's top open (QEMU's image locks)."""
-        if volume.owner is Owner.DOMAIN and not self._top_open(volume, top_held=True):
-            # The domain let go of it (stopped, or detached the disk).
-            with self.catalog.transaction() as tx:
-                tx.set_owner(volume.id, Owner.CLOSED)
-            log.info("volume %s: no process has its top open any more: closed", volume.id)
-            volume = replace(volume, owner=Owner.CLOSED)
+        """:raises InUse: a process has the volume's top open (the node's
+        storage daemon, a domain: see :meth:`_true_owner`), or a stopped
+        domain's definition names it."""
+        volume = self._true_owner(volume)
+        if volume.owner is Owner.DOMAIN:
+            raise InUse(f"volume {volume.id} is open: a process (a domain's QEMU?) has its top "
+                        "layer open for writing; release it before this operation")
         if volume.owner is not Owner.CLOSED:
             raise InUse(f"volume {volume.id} is open ({volume.owner.value}); "
                         "release it before this operation")
@@ -741,9 +743,6 @@ class Pool:
         if domains is not None and domains.claims(volume):
             raise InUse(f"volume {volume.id} is in use: a stopped domain's definition names its "
                         "top layer as a disk; detach it or undefine the domain first")
-        if self._top_open(volume):
-            raise InUse(f"volume {volume.id} is open: a process (a domain's QEMU?) has its top "
-                        "layer open for writing; release it before this operation")
 
     def _begin(self, kind: str, body: dict[str, Any], *, new: tuple[str, ...] = (),
                pins: tuple[str, ...] = ()) -> int:
