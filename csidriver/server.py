@@ -522,7 +522,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         driver.stop()
         return 1
-    stop.wait()
+    # Wait in slices: CPython runs a Python signal handler only in the main
+    # thread, and a signal the kernel delivers to another thread (gRPC's,
+    # the daemon adapter's) does not wake a main thread blocked in an
+    # untimed lock wait, so an untimed wait could sleep through SIGTERM.
+    while not stop.wait(0.5):
+        pass
     log.info("signal received, shutting down")
     driver.stop()
     return 0
