@@ -140,8 +140,11 @@ class DomainOwner:
         try:
             return self._users(volumes, require=running_only)
         except HypervisorUnavailable as e:
-            raise InUse(f"volumes {', '.join(v.id for v in volumes)} are open by a domain, "
-                        f"and libvirt cannot be reached to switch them: {e}") from e
+            # The lock says a process writes the top; without libvirt
+            # nobody can tell whether it is a domain, let alone switch it.
+            raise InUse(f"volume {', '.join(v.id for v in volumes)} is open: a process has its "
+                        f"top layer open for writing, and libvirt cannot be reached to find "
+                        f"the domain that holds it: {e}") from e
 
     def switch(self, cuts: list[tuple[Volume, str]], *, freeze: bool) -> tuple[str, ...]:
         """Switch each volume to its new layer in the domain that has it
@@ -226,10 +229,11 @@ class DomainOwner:
     def resize(self, volume: Volume, size_bytes: int) -> None:
         """Grow the volume's disk in the domain (the guest sees it at once).
 
-        :raises InUse: no domain has the volume's top open.
+        :raises InUse: no domain has the volume's top open, or libvirt
+            cannot be reached to find it.
         :raises DomainError: libvirt refused.
         """
-        use, target = self._users([volume], require=True)[volume.id]
+        use, target = self._lookup([volume], running_only=True)[volume.id]
         self.hypervisor.block_resize(self.hypervisor.lookup(use.uuid), target, size_bytes)
         log.info("volume %s: grown to %d bytes in domain %s (disk %s)", volume.id, size_bytes,
                  use.name, target)

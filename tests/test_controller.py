@@ -1016,7 +1016,15 @@ def test_every_engine_error_has_one_code() -> None:
     assert status_for(RpcError(Code.UNIMPLEMENTED, "no"))[0] == Code.UNIMPLEMENTED
 
 
-def test_open_volume_is_failed_precondition(driver: Driver) -> None:
+# Whatever libvirt's state, a top held by a process that is not the
+# driver's own refuses every change: libvirt up but no domain uses the file
+# (the host's libvirtd, if any), libvirt unreachable, libvirt turned off.
+@pytest.mark.parametrize("libvirt", ["default", "unreachable", "none"])
+def test_open_volume_is_failed_precondition(driver_factory: DriverFactory, libvirt: str) -> None:
+    flags = {"default": (),
+             "unreachable": ("--libvirt-uri", "qemu:///system?socket=/nonexistent/libvirt-sock"),
+             "none": ("--libvirt-uri", "none")}[libvirt]
+    driver = driver_factory(*flags)
     vol = create(driver, "in-use")
     # A QEMU process other than the driver's own has the top open for
     # writing (as a domain that opened the file directly would): nothing may
