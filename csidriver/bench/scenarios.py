@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,6 +36,18 @@ SCENARIOS = ("sizes", "depth", "list", "concurrency", "write")
 _FAILURES = (grpc.RpcError, DataError, TimeoutError, OSError, threading.BrokenBarrierError)
 
 T = TypeVar("T")
+
+
+def _wait(future: Future[None]) -> None:
+    """``future.result()`` in slices: a Python signal handler (Ctrl-C)
+    runs only in the main thread, and a signal the kernel hands another
+    thread does not wake a main thread in an untimed wait."""
+    while True:
+        try:
+            future.result(timeout=0.2)
+            return
+        except FutureTimeout:
+            continue
 
 
 @dataclass(frozen=True)
@@ -442,7 +455,7 @@ class Runner:
         try:
             futures: list[Future[None]] = [pool.submit(guarded, item) for item in items]
             for future in futures:
-                future.result()
+                _wait(future)
         except KeyboardInterrupt:
             self.stop.set()
             raise
