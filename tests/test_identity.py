@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import socket
@@ -116,6 +117,20 @@ def test_sigterm_stops_cleanly_and_removes_socket(driver: Driver) -> None:
 def test_sigint_stops_cleanly(driver: Driver) -> None:
     assert driver.process is not None
     driver.process.send_signal(2)
+    assert driver.process.wait(15) == 0
+
+
+def test_sigterm_to_any_thread_stops_it(driver: Driver) -> None:
+    """The kernel hands a process-directed signal to any thread that does
+    not block it; CPython runs the handler in the main thread only.  Send
+    SIGTERM straight to a worker thread (tgkill): the driver must still stop."""
+    assert driver.process is not None
+    pid = driver.process.pid
+    workers = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert workers, "the driver runs gRPC and daemon threads"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, workers[-1], 15) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
     assert driver.process.wait(15) == 0
 
 
