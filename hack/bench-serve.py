@@ -35,6 +35,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,6 +74,25 @@ def bench(target: str, fmt: str, args: list[str], write: bool, *, cache: str) ->
     return count * size / seconds / (1 << 20)
 
 
+@contextmanager
+def scratch_node(prefix: str, config: PoolConfig | None = None
+                 ) -> Iterator[tuple[Path, Pool, Node]]:
+    """A pool and a started node in a scratch directory under /tmp; every
+    served volume, the daemon and the directory are gone afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    pool = Pool.open(work / "pool", config=config)
+    node = Node(pool, work / "run")
+    node.start()
+    try:
+        yield work, pool, node
+    finally:
+        node.stop()
+        node.release_all()
+        node.shutdown()
+        pool.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _ms(values: list[float], q: float) -> str:
     ordered = sorted(values)
     return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:7.2f}"
@@ -104,63 +125,55 @@ def live_cuts(size: int, count: int, interval: float, *, idle: bool = False) -> 
     StorageDaemon.qmp = qmp  # type: ignore[method-assign]
     Node.switch = timed("node.switch (QSD cut)", Node.switch)  # type: ignore[method-assign]
 
-    work = Path(tempfile.mkdtemp(prefix="qsnap-bench-cut-", dir="/tmp"))
-    pool = Pool.open(work / "pool")
-    node = Node(pool, work / "run")
-    node.start()
     stop = threading.Event()
     written = [0]
-    try:
-        volume = pool.create_volume("cut-bench", required_bytes=size)
-        staging = work / "stage"
-        node.stage(volume.id, staging, Access(MOUNT, "ext4"))
-        print(f"volume served over {node.transport}; device {node._staging(volume.id).device}")
+    with scratch_node("qsnap-bench-cut-") as (work, pool, node):
+        try:
+            volume = pool.create_volume("cut-bench", required_bytes=size)
+            staging = work / "stage"
+            node.stage(volume.id, staging, Access(MOUNT, "ext4"))
+            print(f"volume served over {node.transport}; device {node._staging(volume.id).device}")
 
-        def writer() -> None:
-            block = os.urandom(64 << 10)
-            fd = os.open(staging / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                while not stop.is_set():
-                    os.write(fd, block)
-                    os.fsync(fd)
-                    written[0] += len(block)
-                    if written[0] % (size // 2) < len(block):
-                        os.ftruncate(fd, 0)          # stay inside the volume
-            finally:
-                os.close(fd)
+            def writer() -> None:
+                block = os.urandom(64 << 10)
+                fd = os.open(staging / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                try:
+                    while not stop.is_set():
+                        os.write(fd, block)
+                        os.fsync(fd)
+                        written[0] += len(block)
+                        if written[0] % (size // 2) < len(block):
+                            os.ftruncate(fd, 0)          # stay inside the volume
+                finally:
+                    os.close(fd)
 
-        thread = threading.Thread(target=writer, daemon=True)
-        if not idle:
-            thread.start()
-        time.sleep(1.0)
-        totals: list[float] = []
-        local.on = True
-        started_all = time.monotonic()
-        for i in range(count):
-            started = time.perf_counter()
-            pool.create_snapshot(f"cut-{i}", volume.id)
-            totals.append(time.perf_counter() - started)
-            time.sleep(interval)
-        local.on = False
-        elapsed = time.monotonic() - started_all
-        stop.set()
-        if not idle:
-            thread.join()
-        print(f"{count} cuts while the writer wrote {written[0] / (1 << 20) / elapsed:.0f} MiB/s"
-              f" (64 KiB + fsync per write)")
-        print(f"{'step':34} {'n':>4} {'min':>7} {'p50':>7} {'p90':>7} {'max':>7}  (ms)")
-        rows = [("create_snapshot (whole cut)", totals)] + sorted(timings.items())
-        for name, values in rows:
-            print(f"{name:34} {len(values):>4} {_ms(values, 0):>7} {_ms(values, 0.5):>7}"
-                  f" {_ms(values, 0.9):>7} {max(values) * 1000:7.2f}")
-        print(f"mean whole cut {statistics.mean(totals) * 1000:.2f} ms")
-    finally:
-        stop.set()
-        node.stop()
-        node.release_all()
-        node.shutdown()
-        pool.close()
-        shutil.rmtree(work, ignore_errors=True)
+            thread = threading.Thread(target=writer, daemon=True)
+            if not idle:
+                thread.start()
+            time.sleep(1.0)
+            totals: list[float] = []
+            local.on = True
+            started_all = time.monotonic()
+            for i in range(count):
+                started = time.perf_counter()
+                pool.create_snapshot(f"cut-{i}", volume.id)
+                totals.append(time.perf_counter() - started)
+                time.sleep(interval)
+            local.on = False
+            elapsed = time.monotonic() - started_all
+            stop.set()
+            if not idle:
+                thread.join()
+            print(f"{count} cuts while the writer wrote "
+                  f"{written[0] / (1 << 20) / elapsed:.0f} MiB/s (64 KiB + fsync per write)")
+            print(f"{'step':34} {'n':>4} {'min':>7} {'p50':>7} {'p90':>7} {'max':>7}  (ms)")
+            rows = [("create_snapshot (whole cut)", totals)] + sorted(timings.items())
+            for name, values in rows:
+                print(f"{name:34} {len(values):>4} {_ms(values, 0):>7} {_ms(values, 0.5):>7}"
+                      f" {_ms(values, 0.9):>7} {max(values) * 1000:7.2f}")
+            print(f"mean whole cut {statistics.mean(totals) * 1000:.2f} ms")
+        finally:
+            stop.set()    # the writer ends before the node goes
     return 0
 
 
@@ -176,12 +189,9 @@ def main() -> int:
     size = parse_size(args.size)
     if args.cuts:
         return live_cuts(size, args.cuts, args.interval, idle=args.idle)
-    work = Path(tempfile.mkdtemp(prefix="qsnap-bench-serve-", dir="/tmp"))
-    pool = Pool.open(work / "pool", config=PoolConfig(depth_cap=args.depth_cap))
-    node = Node(pool, work / "run")
-    node.start()
     print(f"{'pattern':18} {'depth':>5} {'raw qcow2 MiB/s':>16} {'served MiB/s':>13} {'served/raw':>10}")
-    try:
+    config = PoolConfig(depth_cap=args.depth_cap)
+    with scratch_node("qsnap-bench-serve-", config) as (work, pool, node):
         for depth in (1, args.depth_cap):
             volume = pool.create_volume(f"bench-{depth}", required_bytes=size)
             # Every byte written, a slice per layer: reads cross the whole
@@ -209,12 +219,6 @@ def main() -> int:
                 print(f"{name:18} {depth:>5} {raw[name]:>16.0f} {served:>13.0f} "
                       f"{served / raw[name]:>9.0%}")
             node.unstage(volume.id, work / f"stage{depth}")
-    finally:
-        node.stop()
-        node.release_all()
-        node.shutdown()
-        pool.close()
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
