@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine import cut, qcow2, validate
 from engine.catalog import Catalog, Intent, Tx
@@ -38,6 +38,9 @@ from engine.model import (Capacity, ContentSource, GroupSnapshot, Layer, LayerIn
 from engine.qemu_img import QemuImg, image_locks
 
 log = logging.getLogger(__name__)
+
+# Whatever record a catalog lookup returns (see Pool._get).
+_Record = TypeVar("_Record")
 
 CrashHook = Callable[[str], None]
 
@@ -199,23 +202,24 @@ class Pool:
 
     def get_volume(self, volume_id: str) -> Volume:
         """:raises NotFound: no such volume.  :raises InvalidArgument: a path-like ID."""
-        if not validate.check_id("volume", volume_id):
-            raise NotFound(f"volume {volume_id} does not exist")
-        with self.catalog.reading() as tx:
-            volume = tx.volume(volume_id)
-        if volume is None:
-            raise NotFound(f"volume {volume_id} does not exist")
-        return volume
+        return self._get("volume", volume_id, lambda tx: tx.volume(volume_id))
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot:
         """:raises NotFound: no such snapshot.  :raises InvalidArgument: a path-like ID."""
-        if not validate.check_id("snapshot", snapshot_id):
-            raise NotFound(f"snapshot {snapshot_id} does not exist")
-        with self.catalog.reading() as tx:
-            snapshot = tx.snapshot(snapshot_id)
-        if snapshot is None:
-            raise NotFound(f"snapshot {snapshot_id} does not exist")
-        return snapshot
+        return self._get("snapshot", snapshot_id, lambda tx: tx.snapshot(snapshot_id))
+
+    def _get(self, kind: str, object_id: str, fetch: Callable[[Tx], _Record | None]) -> _Record:
+        """The catalog's record of one object, looked up by ``fetch`` only
+        when ``object_id`` is an ID the engine could have issued.
+
+        :raises NotFound: no such object.  :raises InvalidArgument: a path-like ID.
+        """
+        if validate.check_id(kind, object_id):
+            with self.catalog.reading() as tx:
+                found = fetch(tx)
+            if found is not None:
+                return found
+        raise NotFound(f"{kind} {object_id} does not exist")
 
     def list_volumes(self, starting_token: str = "", max_entries: int = 0) -> Page[Volume]:
         """One page of volumes in creation order.
@@ -594,14 +598,8 @@ class Pool:
             return made
 
     def get_group_snapshot(self, group_id: str) -> GroupSnapshot:
-        """:raises NotFound: no such group snapshot."""
-        if not validate.check_id("group snapshot", group_id):
-            raise NotFound(f"group snapshot {group_id} does not exist")
-        with self.catalog.reading() as tx:
-            group = tx.group(group_id)
-        if group is None:
-            raise NotFound(f"group snapshot {group_id} does not exist")
-        return group
+        """:raises NotFound: no such group snapshot.  :raises InvalidArgument: a path-like ID."""
+        return self._get("group snapshot", group_id, lambda tx: tx.group(group_id))
 
     def group_snapshot_by_name(self, name: str) -> GroupSnapshot | None:
         """The group snapshot made under ``name``, if any."""
