@@ -25,7 +25,7 @@ import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,6 +240,16 @@ class Hypervisor:
             return NoSuchDomain(f"{what}: no such domain ({detail})", code=code, detail=detail)
         return DomainError(f"{what}: {detail}", code=code, detail=detail)
 
+    @contextlib.contextmanager
+    def _failing(self, what: str) -> Iterator[None]:
+        """Raise a libvirt error from the block as :class:`DomainError`
+        (:class:`NoSuchDomain` when the domain is gone) that says ``what``
+        was being done."""
+        try:
+            yield
+        except _libvirt().libvirtError as e:
+            raise self._error(what, e) from e
+
     # -- lookup --------------------------------------------------------------
 
     def lookup(self, uuid: str) -> Any:
@@ -248,22 +258,16 @@ class Hypervisor:
 
         :raises NoSuchDomain: none.  :raises HypervisorUnavailable: no libvirt.
         """
-        libvirt = _libvirt()
-        try:
+        with self._failing(f"domain {uuid}"):
             return self.connection().lookupByUUIDString(uuid)
-        except libvirt.libvirtError as e:
-            raise self._error(f"domain {uuid}", e) from e
 
     def lookup_name(self, name: str) -> Any:
         """The domain named ``name``.
 
         :raises NoSuchDomain: none.  :raises HypervisorUnavailable: no libvirt.
         """
-        libvirt = _libvirt()
-        try:
+        with self._failing(f"domain {name}"):
             return self.connection().lookupByName(name)
-        except libvirt.libvirtError as e:
-            raise self._error(f"domain {name}", e) from e
 
     @staticmethod
     def name(dom: Any) -> str:
@@ -279,10 +283,8 @@ class Hypervisor:
     def state(self, dom: Any) -> DomainState:
         """:raises DomainError: libvirt failed (NoSuchDomain: it is gone)."""
         libvirt = _libvirt()
-        try:
+        with self._failing(f"domain {self.name(dom)}"):
             state, _reason = dom.state()
-        except libvirt.libvirtError as e:
-            raise self._error(f"domain {self.name(dom)}", e) from e
         return {libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
                 libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
                 libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF}.get(state, DomainState.OTHER)
@@ -301,17 +303,12 @@ class Hypervisor:
         """
         libvirt = _libvirt()
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        try:
+        with self._failing(f"domain {self.name(dom)}"):
             return str(dom.XMLDesc(flags))
-        except libvirt.libvirtError as e:
-            raise self._error(f"domain {self.name(dom)}", e) from e
 
     def is_persistent(self, dom: Any) -> bool:
-        libvirt = _libvirt()
-        try:
+        with self._failing(f"domain {self.name(dom)}"):
             return bool(dom.isPersistent())
-        except libvirt.libvirtError as e:
-            raise self._error(f"domain {self.name(dom)}", e) from e
 
     # -- discovery -----------------------------------------------------------
 
@@ -398,11 +395,8 @@ class Hypervisor:
 
         :raises DomainError: the agent failed or is absent.
         """
-        libvirt = _libvirt()
-        try:
+        with self._failing(f"freezing domain {self.name(dom)}"):
             return int(dom.fsFreeze())
-        except libvirt.libvirtError as e:
-            raise self._error(f"freezing domain {self.name(dom)}", e) from e
 
     def fs_thaw(self, dom: Any) -> None:
         """Thaw every filesystem of the guest (no mountpoint list: libvirt
@@ -410,11 +404,8 @@ class Hypervisor:
 
         :raises DomainError: the agent failed or is absent.
         """
-        libvirt = _libvirt()
-        try:
+        with self._failing(f"thawing domain {self.name(dom)}"):
             dom.fsThaw()
-        except libvirt.libvirtError as e:
-            raise self._error(f"thawing domain {self.name(dom)}", e) from e
 
     # -- disks ---------------------------------------------------------------
 
@@ -458,11 +449,9 @@ class Hypervisor:
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT)
         if quiesce:
             flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
-        try:
+        with self._failing(f"switching disks {', '.join(sorted(wanted))} of domain "
+                           f"{self.name(dom)}"):
             dom.snapshotCreateXML(ET.tostring(root, encoding="unicode"), flags)
-        except libvirt.libvirtError as e:
-            raise self._error(f"switching disks {', '.join(sorted(wanted))} of domain "
-                              f"{self.name(dom)}", e) from e
 
     def disk_tops(self, dom: Any) -> dict[str, str]:
         """Disk target → top source path ("" for none), from the live
@@ -478,10 +467,8 @@ class Hypervisor:
         :raises DomainError: libvirt refused.
         """
         libvirt = _libvirt()
-        try:
+        with self._failing(f"resizing disk {target} of domain {self.name(dom)}"):
             dom.blockResize(target, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
-        except libvirt.libvirtError as e:
-            raise self._error(f"resizing disk {target} of domain {self.name(dom)}", e) from e
 
     # -- definitions -----------------------------------------------------------
 
@@ -523,34 +510,23 @@ class Hypervisor:
 
         :raises DomainError: libvirt rejected the definition.
         """
-        libvirt = _libvirt()
-        try:
+        with self._failing("defining a domain"):
             return self.connection().defineXML(xml)
-        except libvirt.libvirtError as e:
-            raise self._error("defining a domain", e) from e
 
     def start(self, dom: Any) -> None:
         """:raises DomainError: the domain did not start."""
-        libvirt = _libvirt()
-        try:
+        with self._failing(f"starting domain {self.name(dom)}"):
             dom.create()
-        except libvirt.libvirtError as e:
-            raise self._error(f"starting domain {self.name(dom)}", e) from e
 
     def destroy(self, dom: Any) -> None:
         """Power a domain off (a no-op when it is not running)."""
-        libvirt = _libvirt()
-        try:
+        with self._failing(f"stopping domain {self.name(dom)}"):
             if dom.isActive():
                 dom.destroy()
-        except libvirt.libvirtError as e:
-            raise self._error(f"stopping domain {self.name(dom)}", e) from e
 
     def undefine(self, dom: Any) -> None:
         """Remove a persistent definition (no storage is touched)."""
         libvirt = _libvirt()
-        try:
+        with self._failing(f"undefining domain {self.name(dom)}"):
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
                               if hasattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM") else 0)
-        except libvirt.libvirtError as e:
-            raise self._error(f"undefining domain {self.name(dom)}", e) from e
